@@ -1,0 +1,4 @@
+from lmtrain.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Lightning callbacks: checkpoint cadence, step metrics (throughput, MFU), progress lines."""

@@ -1,0 +1,101 @@
+"""The `lmtrain` command: `lmtrain <subcommand> [GROUP=OPTION] [KEY=VALUE ...]`.
+
+Each subcommand is a Hydra app over conf/. This is the only module that sees a DictConfig: it
+turns it into the subcommand's typed config and hands that down.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from lmtrain.config import conf_dir, register_configs, to_record, to_typed
+
+COMMANDS = {
+    "prepare": "tokenize and pack a corpus (data=..., tokenizer=...)",
+    "train": "pretrain a model (model=..., data=..., trainer.max_steps=...)",
+    "generate": "sample text from a checkpoint (ckpt=... prompt=...)",
+    "eval": "val loss, perplexity and bits per byte of a checkpoint (ckpt=...)",
+}
+# Lightning's launcher re-runs this program for ranks 1..N-1 with sys.argv[1:] minus nothing we
+# could add; the subcommand travels to those children in the environment instead.
+_COMMAND_ENV = "LMTRAIN_COMMAND"
+
+
+class UserError(Exception):
+    """Raised for bad input: printed without a traceback."""
+
+
+def _prepare(cfg: DictConfig) -> None:
+    from lmtrain.data.prepare import prepare_dataset
+
+    typed = to_typed(cfg)
+    out = prepare_dataset(typed.data, typed.tokenizer, force=typed.force)
+    print(f"prepared: {out}", flush=True)
+
+
+def _train(cfg: DictConfig) -> None:
+    from lmtrain.train import run
+
+    typed = to_typed(cfg)
+    run(typed, to_record(cfg), Path(HydraConfig.get().runtime.output_dir))
+
+
+def _generate(cfg: DictConfig) -> None:
+    from lmtrain.generate import run
+
+    run(to_typed(cfg))
+
+
+def _eval(cfg: DictConfig) -> None:
+    from lmtrain.evaluate import run
+
+    run(to_typed(cfg))
+
+
+_APPS: dict[str, Callable[[DictConfig], None]] = {"prepare": _prepare, "train": _train, "generate": _generate, "eval": _eval}
+
+
+def _report_errors(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
+    """Bad input ends with one clear line and exit code 2, not a traceback (LMTRAIN_DEBUG=1 shows it)."""
+
+    def wrapped(cfg: DictConfig) -> None:
+        from lmtrain.checkpoint import CheckpointError
+
+        try:
+            fn(cfg)
+        except (ValueError, FileNotFoundError, CheckpointError, FloatingPointError) as e:
+            if os.environ.get("LMTRAIN_DEBUG"):
+                raise
+            print(f"lmtrain: error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    return wrapped
+
+
+def usage() -> str:
+    lines = ["usage: lmtrain <command> [GROUP=OPTION] [KEY=VALUE ...]   (lmtrain <command> --help for its options)", ""]
+    lines += [f"  {name:<9} {text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        command, rest = argv[0], argv[1:]
+    elif os.environ.get(_COMMAND_ENV) in COMMANDS and "LOCAL_RANK" in os.environ:
+        command, rest = os.environ[_COMMAND_ENV], argv  # a child process started by Lightning
+    else:
+        print(usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    os.environ[_COMMAND_ENV] = command
+    register_configs()
+    app = hydra.main(config_path=str(conf_dir()), config_name=command, version_base="1.3")(_report_errors(_APPS[command]))
+    sys.argv = [sys.argv[0], *rest]  # Hydra parses sys.argv
+    app()

@@ -1,0 +1,202 @@
+"""Typed configs: the root schemas of each subcommand, registered in Hydra's ConfigStore.
+
+Each group (model, data, optim, ...) is owned by its package; this module only composes them.
+A typed root makes Hydra reject an unknown key or a wrong type at compose time, and
+OmegaConf.to_object() runs every dataclass's __post_init__ checks before any work is done.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from lmtrain.data.config import DataConfig, TokenizerConfig
+from lmtrain.distributed.config import StrategyConfig
+from lmtrain.loggers import LoggerConfig
+from lmtrain.model.config import ModelConfig
+from lmtrain.optim import OptimConfig, ScheduleConfig
+from lmtrain.tasks.config import TaskConfig
+
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed", "64-true")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    seq_len: int = 256
+    """Tokens per training sequence (<= model.max_seq_len)."""
+    micro_batch_size: int = 16
+    """Sequences per rank per forward pass."""
+    global_batch_size: Optional[int] = None
+    """Sequences per optimizer step over all ranks; None = micro_batch_size x world size. Gradient
+    accumulation is derived from it, so changing the number of GPUs keeps the optimization the same."""
+    accelerator: str = "auto"
+    """auto (a GPU when there is one), cpu or gpu."""
+    devices: int = 1
+    """Processes (GPUs) per node."""
+    num_nodes: int = 1
+    precision: str = "auto"
+    """auto = bf16-mixed on a GPU that has bf16, 32-true elsewhere; or any Lightning precision string."""
+    val_every_steps: int = 200
+    val_batches: int = 8
+    """Micro batches per rank in the fixed validation subset."""
+    ckpt_every_steps: int = 500
+    keep_last_checkpoints: int = 3
+    log_every_steps: int = 10
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
+    compile: bool = False
+    """torch.compile each Transformer block."""
+    activation_checkpointing: bool = False
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    peak_flops_per_device: Optional[float] = None
+    """Peak FLOP/s for MFU; None = known GPUs (H100/H200 989e12 dense bf16, A100 312e12) or no MFU."""
+    sample_prompt: str = ""
+    """Printed sample at the end starts from this text ('' = from a document boundary)."""
+    sample_tokens: int = 200
+    progress_bar: Optional[bool] = None
+    """None = a progress bar on a terminal, plain lines otherwise."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "seq_len", "micro_batch_size", "devices", "num_nodes", "val_every_steps",
+                     "ckpt_every_steps", "keep_last_checkpoints", "log_every_steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"trainer.{name}={getattr(self, name)} must be > 0")
+        if self.global_batch_size is not None and self.global_batch_size <= 0:
+            raise ValueError(f"trainer.global_batch_size={self.global_batch_size} must be > 0 (or null)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"trainer.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.accelerator not in ("auto", "cpu", "gpu", "cuda"):
+            raise ValueError(f"trainer.accelerator={self.accelerator!r} is not one of auto, cpu, gpu")
+        if self.grad_clip < 0:
+            raise ValueError(f"trainer.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
+
+    def resolved_global_batch_size(self) -> int:
+        return self.global_batch_size or self.micro_batch_size * self.world_size
+
+    def accumulation(self) -> int:
+        per_pass = self.micro_batch_size * self.world_size
+        g = self.resolved_global_batch_size()
+        if g % per_pass:
+            raise ValueError(
+                f"trainer.global_batch_size={g} is not a multiple of trainer.micro_batch_size={self.micro_batch_size} "
+                f"x world size {self.world_size} (devices={self.devices} x num_nodes={self.num_nodes}) = {per_pass}; "
+                f"choose a global batch of k x {per_pass}"
+            )
+        return g // per_pass
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run_name: Optional[str] = None
+    """The run directory's name under runs_dir; None = the SLURM job id, else a timestamp. Reusing a
+    name continues that run (resume=auto)."""
+    runs_dir: str = "runs"
+    seed: int = 1337
+    resume: str = "auto"
+    """auto: continue from the newest valid checkpoint of this run, if any; never; or a checkpoint path."""
+
+    def __post_init__(self) -> None:
+        if self.trainer.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"trainer.seq_len={self.trainer.seq_len} exceeds model.max_seq_len={self.model.max_seq_len} "
+                f"of model={self.model.name}; lower trainer.seq_len or raise model.max_seq_len"
+            )
+        self.trainer.accumulation()  # a global batch that does not divide fails here, before any work
+
+
+@dataclass
+class PrepareConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    force: bool = False
+    """Rebuild even when a complete prepared copy exists."""
+
+
+@dataclass
+class GenerateConfig:
+    ckpt: str = "???"
+    """A checkpoint file (runs/<run>/checkpoints/last.ckpt)."""
+    prompt: str = ""
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    """0 = greedy."""
+    top_k: Optional[int] = 50
+    top_p: Optional[float] = None
+    num_samples: int = 1
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class EvalConfig:
+    ckpt: str = "???"
+    val_batches: Optional[int] = None
+    """Micro batches of the val split to evaluate; None = all of it."""
+    micro_batch_size: Optional[int] = None
+    """None = the run's own."""
+    device: str = "auto"
+
+
+def default_run_name(explicit: Optional[str]) -> str:
+    """Stable across SLURM requeues (the job id) and for Lightning's child processes (they get the
+    parent's run dir); a timestamp otherwise."""
+    if explicit:
+        return explicit
+    if job := os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"job{job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    if job := os.environ.get("SLURM_JOB_ID"):
+        return f"job{job}"
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def conf_dir() -> Path:
+    """conf/ inside an installed wheel, or at the top of a checkout."""
+    packaged = Path(__file__).parent / "conf"
+    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "conf"
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="prepare_schema", node=PrepareConfig)
+    cs.store(name="generate_schema", node=GenerateConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
+    if not OmegaConf.has_resolver("lmtrain_run_name"):
+        OmegaConf.register_new_resolver("lmtrain_run_name", default_run_name, use_cache=True)
+
+
+def to_typed(cfg: DictConfig) -> Any:
+    """DictConfig -> the schema's dataclasses, running every __post_init__ check."""
+    return OmegaConf.to_object(cfg)
+
+
+def to_record(cfg: DictConfig) -> dict:
+    """The resolved config as plain containers: saved in the run dir and in every checkpoint."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()

@@ -1,0 +1,172 @@
+"""Structured configs of `lmtrain prepare`: where documents come from and how they become tokens.
+
+These are OmegaConf structured-config schemas (Hydra groups `data/` and `tokenizer/`), so fields
+are only int/float/bool/str/Enum/Optional/List[str]. The docstring under each field is its help
+text. `__post_init__` runs when OmegaConf builds the object (`OmegaConf.to_object`), after every
+override has been applied, and rejects a bad value with the field's full name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import List, Optional, Type, TypeVar
+
+# Byte-level BPE starts from 256 byte symbols plus the eos token and the five extra specials of
+# `lmtrain.data.tokenizers.EXTRA_SPECIAL_TOKENS`; a vocabulary that small learns no merge.
+MIN_BPE_VOCAB_SIZE = 256 + 1 + 5 + 1
+
+
+class SourceKind(Enum):
+    """Where the documents come from."""
+
+    python_stdlib = "python_stdlib"
+    text = "text"
+    json = "json"
+    parquet = "parquet"
+    hub = "hub"
+
+
+class TextUnit(Enum):
+    """How a plain-text file splits into documents (source `text` only)."""
+
+    document = "document"
+    paragraph = "paragraph"
+    line = "line"
+
+
+class TokenizerKind(Enum):
+    byte = "byte"
+    bpe = "bpe"
+    pretrained = "pretrained"
+
+
+EnumT = TypeVar("EnumT", bound=Enum)
+
+
+def coerce_enum(enum_cls: Type[EnumT], value: object, field_name: str) -> EnumT:
+    """Return `value` as a member of `enum_cls`; OmegaConf hands over members, Python callers may pass names."""
+    if isinstance(value, enum_cls):
+        return value
+    try:
+        return enum_cls[str(value)]
+    except KeyError:
+        choices = ", ".join(member.name for member in enum_cls)
+        raise ValueError(f"{field_name}={value!r} is not a valid choice; use one of: {choices}") from None
+
+
+@dataclass
+class DataConfig:
+    name: str = "python_stdlib"
+    """Short name of the corpus; the prepared dataset lives in <cache_dir>/<name>-<fingerprint>/."""
+
+    source: SourceKind = SourceKind.python_stdlib
+    """python_stdlib (every *.py of this interpreter's standard library), text, json (JSON lines), parquet, or hub."""
+
+    paths: List[str] = field(default_factory=list)
+    """Files or glob patterns (~ expanded) for the text, json and parquet sources."""
+
+    text_unit: TextUnit = TextUnit.document
+    """Text files only: one document per file, per blank-line-separated paragraph, or per line."""
+
+    hub_name: Optional[str] = None
+    """Hub dataset name for source=hub, e.g. Salesforce/wikitext."""
+
+    hub_config: Optional[str] = None
+    """Hub dataset configuration, e.g. wikitext-103-raw-v1."""
+
+    hub_split: str = "train"
+    """Hub split to read; lmtrain makes its own train/val split from it."""
+
+    text_column: str = "text"
+    """Column holding the document text (json, parquet, hub)."""
+
+    val_fraction: float = 0.01
+    """Fraction of documents held out for validation (rounded up to whole documents)."""
+
+    split_seed: int = 1234
+    """Seed of the document-level train/val split."""
+
+    max_documents: Optional[int] = None
+    """Keep only the first N non-empty documents (quick runs); None keeps all."""
+
+    num_proc: Optional[int] = None
+    """Tokenizer processes; None uses every CPU core. Does not change the output."""
+
+    cache_dir: str = "~/.cache/lmtrain/data"
+    """Directory that holds prepared datasets."""
+
+    def __post_init__(self) -> None:
+        self.source = coerce_enum(SourceKind, self.source, "data.source")
+        self.text_unit = coerce_enum(TextUnit, self.text_unit, "data.text_unit")
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(
+                f"data.name={self.name!r} cannot name a directory; use a short name without '/', "
+                "e.g. data.name=my_corpus"
+            )
+        if self.source in (SourceKind.text, SourceKind.json, SourceKind.parquet) and not self.paths:
+            raise ValueError(
+                f"data.paths is empty but data.source={self.source.name} reads local files; "
+                "set data.paths=[/path/to/file_or_glob, ...]"
+            )
+        if self.source == SourceKind.hub and not self.hub_name:
+            raise ValueError(
+                f"data.hub_name={self.hub_name!r} but data.source=hub needs a dataset name; "
+                "set data.hub_name=<owner/name>, e.g. Salesforce/wikitext"
+            )
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(
+                f"data.val_fraction={self.val_fraction} must be strictly between 0 and 1; "
+                "the default 0.01 holds out 1% of the documents"
+            )
+        if self.max_documents is not None and self.max_documents < 2:
+            raise ValueError(
+                f"data.max_documents={self.max_documents} leaves no room for a train and a val document; "
+                "use at least 2, or null for all documents"
+            )
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ValueError(f"data.num_proc={self.num_proc} must be at least 1, or null for every CPU core")
+        if not self.text_column:
+            raise ValueError("data.text_column is empty; name the column holding the text, e.g. data.text_column=text")
+        if not self.cache_dir:
+            raise ValueError("data.cache_dir is empty; set a directory, e.g. data.cache_dir=~/.cache/lmtrain/data")
+
+
+@dataclass
+class TokenizerConfig:
+    kind: TokenizerKind = TokenizerKind.bpe
+    """byte (256 byte ids + specials), bpe (byte-level BPE trained on the train split), or pretrained."""
+
+    vocab_size: int = 4096
+    """bpe: vocabulary size to train, special tokens included."""
+
+    min_frequency: int = 2
+    """bpe: a pair must occur at least this often to be merged."""
+
+    train_max_bytes: int = 200_000_000
+    """bpe: train on at most this many UTF-8 bytes of the train split (the first documents, in order)."""
+
+    path: Optional[str] = None
+    """pretrained: a tokenizer.json file, or a directory holding one."""
+
+    eos_token: str = "<|endoftext|>"
+    """End-of-document token appended after every document."""
+
+    def __post_init__(self) -> None:
+        self.kind = coerce_enum(TokenizerKind, self.kind, "tokenizer.kind")
+        if self.kind == TokenizerKind.bpe and self.vocab_size < MIN_BPE_VOCAB_SIZE:
+            raise ValueError(
+                f"tokenizer.vocab_size={self.vocab_size} is too small for byte-level BPE (256 byte symbols "
+                f"and 6 special tokens come first); use at least {MIN_BPE_VOCAB_SIZE}, e.g. 4096"
+            )
+        if self.min_frequency < 1:
+            raise ValueError(f"tokenizer.min_frequency={self.min_frequency} must be at least 1")
+        if self.train_max_bytes < 1:
+            raise ValueError(f"tokenizer.train_max_bytes={self.train_max_bytes} must be positive, e.g. 200000000")
+        if self.kind == TokenizerKind.pretrained and not self.path:
+            raise ValueError(
+                "tokenizer.path is not set but tokenizer.kind=pretrained needs one; "
+                "set tokenizer.path=/path/to/tokenizer.json (or a directory holding it)"
+            )
+        if not self.eos_token:
+            raise ValueError("tokenizer.eos_token is empty; set it, e.g. tokenizer.eos_token='<|endoftext|>'")

@@ -1,0 +1,462 @@
+"""`lmtrain prepare`: documents -> train/val split -> tokenizer -> packed token files.
+
+A prepared dataset is a directory `<cache_dir>/<name>-<fingerprint[:12]>/` holding
+- `train.bin`, `val.bin`: every document's token ids followed by eos, documents back to back
+  in corpus order; flat little-endian uint16 (vocab_size <= 65536) or uint32, no header.
+- `tokenizer.json` (+ `tokenizer_config.json`): the tokenizer, loadable by `load_tokenizer` and
+  by transformers; its sha256 is meta.json's `tokenizer_hash`.
+- `meta.json`: `DatasetMeta`, written last.
+
+It is built in `<target>.tmp-<pid>-<random>` and renamed into place, so a directory with the
+target's name is whole; one that fails the checks anyway (meta.json missing, a .bin of the wrong
+size) is never used: prepare removes and rebuilds it, load_prepared refuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import secrets
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+
+from lmtrain.data.config import DataConfig, TokenizerConfig, TokenizerKind
+from lmtrain.data.sources import describe_source, load_documents, source_identity
+from lmtrain.data.tokenizers import (
+    EXTRA_SPECIAL_TOKENS,
+    TOKENIZER_FILE,
+    Tokenizer,
+    build_tokenizer,
+    resolve_tokenizer_file,
+)
+
+# Bump when the layout or the meaning of the files changes: old caches then get a new directory.
+FORMAT_VERSION = 1
+TRAIN_FILE = "train.bin"
+VAL_FILE = "val.bin"
+META_FILE = "meta.json"
+_OWNER_FILE = "owner.json"  # in a tmp dir: which host and process is building it
+_SCRATCH_DIR = "scratch"  # in a tmp dir: Arrow files of datasets, deleted before the rename
+_BATCH_DOCS = 1000
+
+
+class MissingPreparedDataError(FileNotFoundError, ValueError):
+    """The prepared dataset does not exist; caught by `except FileNotFoundError` and `except ValueError`."""
+
+
+@dataclass
+class DatasetMeta:
+    """meta.json of a prepared dataset."""
+
+    format_version: int
+    name: str
+    fingerprint: str
+    dtype: str  # numpy dtype of train.bin / val.bin: "uint16" or "uint32"
+    vocab_size: int
+    eos_id: int
+    eos_token: str
+    special_token_ids: Dict[str, int]  # eos and the reserved specials the tokenizer has, by name
+    tokenizer_kind: str
+    tokenizer_hash: str  # sha256 of tokenizer.json
+    n_train_tokens: int  # eos tokens included
+    n_val_tokens: int
+    n_train_docs: int
+    n_val_docs: int
+    train_bytes: int  # UTF-8 bytes of the train documents (eos excluded): bits per byte = nats / ln 2 / bytes
+    val_bytes: int
+    max_token_id: int  # largest id written in either file
+    created: str  # ISO 8601, UTC
+    source: str
+
+
+class PreparedData(NamedTuple):
+    meta: DatasetMeta
+    train: np.memmap  # (n_train_tokens,) of meta.dtype, read-only
+    val: np.memmap  # (n_val_tokens,)
+
+
+def compute_token_dtype(vocab_size: int) -> str:
+    """Smallest unsigned dtype holding ids 0..vocab_size-1: "uint16" up to 65536 ids, else "uint32"."""
+    if not 0 < vocab_size <= 2**32:
+        raise ValueError(f"vocab_size={vocab_size} cannot be stored as token ids; it must be in [1, 2**32]")
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def compute_split(n_docs: int, val_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Document positions (sorted, int64) of the train and val splits.
+
+    Documents are ordered by a keyed hash of (seed, position) and the first ceil(n * val_fraction)
+    go to val: a pure function of its arguments, independent of numpy's RNG streams and num_proc.
+    """
+    golden = 0x9E3779B97F4A7C15  # 2**64 / phi: spreads consecutive seeds apart
+    offset = np.uint64((seed * golden) % 2**64)
+    keys = np.arange(n_docs, dtype=np.uint64) + offset
+    # splitmix64's finalizer: a bijection on uint64 that scatters neighbouring integers.
+    keys ^= keys >> np.uint64(30)
+    keys *= np.uint64(0xBF58476D1CE4E5B9)
+    keys ^= keys >> np.uint64(27)
+    keys *= np.uint64(0x94D049BB133111EB)
+    keys ^= keys >> np.uint64(31)
+    order = np.argsort(keys, kind="stable")
+    n_val = math.ceil(n_docs * val_fraction)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def _tokenizer_identity(cfg: TokenizerConfig) -> Dict[str, object]:
+    identity: Dict[str, object] = {"kind": cfg.kind.name, "eos": cfg.eos_token, "specials": EXTRA_SPECIAL_TOKENS}
+    match cfg.kind:
+        case TokenizerKind.bpe:
+            identity.update(
+                vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, train_max_bytes=cfg.train_max_bytes
+            )
+        case TokenizerKind.pretrained:
+            identity["sha256"] = hashlib.sha256(resolve_tokenizer_file(cfg.path).read_bytes()).hexdigest()
+    return identity
+
+
+def compute_fingerprint(data: DataConfig, tokenizer: TokenizerConfig) -> str:
+    """sha256 hex of everything that decides the bytes of the prepared files (not num_proc, not cache_dir)."""
+    inputs = {
+        "format_version": FORMAT_VERSION,
+        "source": source_identity(data),
+        "tokenizer": _tokenizer_identity(tokenizer),
+        "split": {
+            "val_fraction": data.val_fraction,
+            "split_seed": data.split_seed,
+            "text_unit": data.text_unit.name,
+            "max_documents": data.max_documents,
+            "text_column": data.text_column,
+        },
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def prepared_dir(data: DataConfig, tokenizer: TokenizerConfig) -> Path:
+    """Where `prepare_dataset` puts (or put) this dataset; does no work besides stat-ing inputs."""
+    return Path(data.cache_dir).expanduser() / f"{data.name}-{compute_fingerprint(data, tokenizer)[:12]}"
+
+
+def load_meta(directory: str | Path) -> DatasetMeta:
+    path = Path(directory) / META_FILE
+    try:
+        fields = json.loads(path.read_text(encoding="utf-8"))
+        return DatasetMeta(**fields)
+    except FileNotFoundError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"'{path}' is not a valid meta.json ({error}); prepare the dataset again") from error
+
+
+def check_prepared(directory: Path, expected_fingerprint: Optional[str] = None) -> Optional[str]:
+    """None when `directory` holds a whole prepared dataset, else what is wrong with it."""
+    if not (directory / META_FILE).is_file():
+        return f"{META_FILE} is missing"
+    try:
+        meta = load_meta(directory)
+    except ValueError as error:
+        return str(error)
+    if meta.format_version != FORMAT_VERSION:
+        return f"format_version is {meta.format_version}, this lmtrain writes {FORMAT_VERSION}"
+    if expected_fingerprint is not None and meta.fingerprint != expected_fingerprint:
+        return f"its fingerprint {meta.fingerprint[:12]} is not the expected {expected_fingerprint[:12]}"
+    itemsize = np.dtype(meta.dtype).itemsize
+    for filename, n_tokens in ((TRAIN_FILE, meta.n_train_tokens), (VAL_FILE, meta.n_val_tokens)):
+        path = directory / filename
+        if not path.is_file():
+            return f"{filename} is missing"
+        if path.stat().st_size != n_tokens * itemsize:
+            return (
+                f"{filename} holds {path.stat().st_size} bytes but meta.json counts {n_tokens} tokens "
+                f"of {meta.dtype} ({n_tokens * itemsize} bytes)"
+            )
+    tokenizer_path = directory / TOKENIZER_FILE
+    if not tokenizer_path.is_file():
+        return f"{TOKENIZER_FILE} is missing"
+    if hashlib.sha256(tokenizer_path.read_bytes()).hexdigest() != meta.tokenizer_hash:
+        return f"{TOKENIZER_FILE} does not match meta.json's tokenizer_hash"
+    return None
+
+
+def load_prepared(directory: str | Path) -> PreparedData:
+    """Meta and read-only memmaps of a prepared dataset, after checking it is whole."""
+    directory = Path(directory).expanduser()
+    name = directory.name.rpartition("-")[0] or directory.name
+    if not directory.is_dir():
+        raise MissingPreparedDataError(
+            f"prepared dataset '{directory}' does not exist; run `lmtrain prepare data={name} ...` "
+            "(with the same data.* and tokenizer.* settings) first"
+        )
+    problem = check_prepared(directory)
+    if problem is not None:
+        raise ValueError(
+            f"prepared dataset '{directory}' is incomplete or damaged ({problem}); run `lmtrain prepare "
+            f"data={name} ...` again: it removes and rebuilds it"
+        )
+    meta = load_meta(directory)
+    train = np.memmap(directory / TRAIN_FILE, dtype=meta.dtype, mode="r", shape=(meta.n_train_tokens,))
+    val = np.memmap(directory / VAL_FILE, dtype=meta.dtype, mode="r", shape=(meta.n_val_tokens,))
+    return PreparedData(meta, train, val)
+
+
+def prepare_dataset(
+    data: DataConfig, tokenizer: TokenizerConfig, *, force: bool = False, log: Callable[[str], None] = print
+) -> Path:
+    """Build the prepared dataset of (data, tokenizer) unless a whole one exists; return its directory."""
+    fingerprint = compute_fingerprint(data, tokenizer)
+    target = Path(data.cache_dir).expanduser() / f"{data.name}-{fingerprint[:12]}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp_dirs(target, log)
+    if target.exists():
+        problem = check_prepared(target, fingerprint)
+        if problem is None and not force:
+            log(f"prepare: '{target}' is already prepared (cached); nothing to do")
+            return target
+        if problem is not None:
+            log(f"prepare: '{target}' is incomplete ({problem}); it will be removed and rebuilt")
+        else:
+            log(f"prepare: force=True: rebuilding '{target}'")
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    try:
+        (tmp / _OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+        _build(data, tokenizer, fingerprint, tmp, log)
+        return _publish(tmp, target, fingerprint, replace_whole=force, log=log)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build(data: DataConfig, tokenizer_cfg: TokenizerConfig, fingerprint: str, out: Path, log) -> None:
+    started = time.perf_counter()
+    scratch = out / _SCRATCH_DIR
+    log(f"prepare: loading {describe_source(data)}")
+    documents = load_documents(data, scratch)
+    kept, n_bytes = _nonempty_documents(documents)
+    n_empty = len(documents) - len(kept)
+    if data.max_documents is not None:
+        kept = kept[: data.max_documents]
+    if len(kept) == 0:
+        raise ValueError(
+            f"the corpus {describe_source(data)} has no non-empty document ({len(documents)} read, all empty); "
+            "check data.paths / data.hub_name / data.text_column"
+        )
+    train_pos, val_pos = compute_split(len(kept), data.val_fraction, data.split_seed)
+    if len(train_pos) == 0 or len(val_pos) == 0:
+        empty = "train" if len(train_pos) == 0 else "val"
+        raise ValueError(
+            f"the {empty} split is empty: {len(kept)} document(s) with data.val_fraction={data.val_fraction} give "
+            f"{len(train_pos)} train and {len(val_pos)} val; split the text into more documents "
+            "(data.text_unit=paragraph or line) or change data.val_fraction"
+        )
+    log(f"prepare: {len(kept)} documents ({n_empty} empty dropped): {len(train_pos)} train, {len(val_pos)} val")
+    train_idx, val_idx = kept[train_pos], kept[val_pos]
+    train_docs = documents.select(train_idx, keep_in_memory=True)
+    val_docs = documents.select(val_idx, keep_in_memory=True)
+
+    tokenizer = build_tokenizer(tokenizer_cfg, _bpe_training_texts(train_docs, n_bytes[train_idx], tokenizer_cfg, log))
+    tokenizer.save(out)
+    if tokenizer_cfg.kind == TokenizerKind.bpe and tokenizer.vocab_size < tokenizer_cfg.vocab_size:
+        log(
+            f"prepare: the corpus ran out of pairs to merge: vocab_size is {tokenizer.vocab_size}, "
+            f"not tokenizer.vocab_size={tokenizer_cfg.vocab_size} (meta.json has the real one)"
+        )
+    dtype = compute_token_dtype(tokenizer.vocab_size)
+    num_proc = data.num_proc or os.cpu_count() or 1
+    log(f"prepare: tokenizing with {num_proc} process(es), vocab {tokenizer.vocab_size}, writing {dtype}")
+    counts = {}
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        tokens = _tokenize(docs, tokenizer, num_proc, scratch / f"{split}-tokens.arrow", f"{fingerprint[:16]}-{split}")
+        counts[split] = _write_tokens(tokens, out / f"{split}.bin", dtype)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+    max_token_id = max(counts["train"][1], counts["val"][1])
+    if max_token_id >= tokenizer.vocab_size:  # a tokenizer bug would otherwise wrap around silently
+        raise ValueError(f"token id {max_token_id} is >= vocab_size {tokenizer.vocab_size}; the tokenizer is broken")
+    meta = DatasetMeta(
+        format_version=FORMAT_VERSION,
+        name=data.name,
+        fingerprint=fingerprint,
+        dtype=dtype,
+        vocab_size=tokenizer.vocab_size,
+        eos_id=tokenizer.eos_id,
+        eos_token=tokenizer.eos_token,
+        special_token_ids=tokenizer.special_token_ids(),
+        tokenizer_kind=tokenizer_cfg.kind.name,
+        tokenizer_hash=tokenizer.fingerprint(),
+        n_train_tokens=counts["train"][0],
+        n_val_tokens=counts["val"][0],
+        n_train_docs=len(train_idx),
+        n_val_docs=len(val_idx),
+        train_bytes=int(n_bytes[train_idx].sum()),
+        val_bytes=int(n_bytes[val_idx].sum()),
+        max_token_id=max_token_id,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        source=describe_source(data),
+    )
+    _write_synced(out / META_FILE, (json.dumps(dataclasses.asdict(meta), indent=2) + "\n").encode("utf-8"))
+    _fsync_dir(out)
+    seconds = time.perf_counter() - started
+    total_mb = (meta.train_bytes + meta.val_bytes) / 1e6
+    log(
+        f"prepare: {meta.n_train_tokens} train + {meta.n_val_tokens} val tokens from {total_mb:.1f} MB "
+        f"in {seconds:.1f} s ({total_mb / seconds:.2f} MB/s)"
+    )
+
+
+def _nonempty_documents(documents: datasets.Dataset) -> Tuple[np.ndarray, np.ndarray]:
+    """(positions of documents with a non-whitespace character, UTF-8 byte length of every document)."""
+    kept: List[np.ndarray] = []
+    n_bytes: List[np.ndarray] = []
+    start = 0
+    for table in documents.with_format("arrow").iter(batch_size=100_000):
+        texts = table.column("text")
+        n_bytes.append(pc.binary_length(texts).fill_null(0).to_numpy().astype(np.int64))
+        nonblank = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(texts)), 0).fill_null(False)
+        kept.append(np.flatnonzero(nonblank.to_numpy(zero_copy_only=False)) + start)
+        start += table.num_rows
+    empty = np.zeros(0, dtype=np.int64)
+    return np.concatenate(kept or [empty]), np.concatenate(n_bytes or [empty])
+
+
+def _bpe_training_texts(
+    train_docs: datasets.Dataset, doc_bytes: np.ndarray, cfg: TokenizerConfig, log
+) -> Optional[Iterator[List[str]]]:
+    """Batches of the first train documents, up to tokenizer.train_max_bytes; None unless bpe."""
+    if cfg.kind != TokenizerKind.bpe:
+        return None
+    # At least one document, even if it alone is longer than the budget.
+    n_docs = max(1, int(np.searchsorted(np.cumsum(doc_bytes), cfg.train_max_bytes, side="right")))
+    log(
+        f"prepare: training a BPE tokenizer (vocab {cfg.vocab_size}) on {n_docs} train documents, "
+        f"{doc_bytes[:n_docs].sum() / 1e6:.1f} MB"
+    )
+    subset = train_docs.select(range(n_docs))
+    return (batch["text"] for batch in subset.iter(batch_size=_BATCH_DOCS))
+
+
+class _EncodeDocuments:
+    """The datasets.map function: a batch of documents -> their ids, eos appended to each."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, batch: Dict[str, List[str]]) -> Dict[str, List[List[int]]]:
+        eos = [self.tokenizer.eos_id]
+        return {"ids": [ids + eos for ids in self.tokenizer.encode_batch(batch["text"])]}
+
+
+def _tokenize(
+    docs: datasets.Dataset, tokenizer: Tokenizer, num_proc: int, cache_file: Path, fingerprint: str
+) -> datasets.Dataset:
+    """Token ids of every document, in document order whatever num_proc (datasets shards contiguously)."""
+    return docs.map(
+        _EncodeDocuments(tokenizer),
+        batched=True,
+        batch_size=_BATCH_DOCS,
+        num_proc=min(num_proc, len(docs)),
+        remove_columns=docs.column_names,
+        features=datasets.Features({"ids": datasets.List(datasets.Value("uint32"))}),
+        cache_file_name=str(cache_file),
+        load_from_cache_file=False,  # the prepared directory is the cache; never reuse scratch files
+        new_fingerprint=fingerprint,  # skips hashing the tokenizer
+        desc="tokenizing",
+    )
+
+
+def _write_tokens(tokens: datasets.Dataset, path: Path, dtype: str) -> Tuple[int, int]:
+    """Stream every row's ids into `path` back to back; returns (number of tokens, largest id)."""
+    n_tokens, max_id = 0, 0
+    with open(path, "wb") as out:
+        for table in tokens.with_format("arrow").iter(batch_size=10 * _BATCH_DOCS):
+            # flatten() honours the slice offsets of the list array; .values would not.
+            ids = table.column("ids").combine_chunks().flatten().to_numpy()
+            if len(ids):
+                max_id = max(max_id, int(ids.max()))
+            out.write(ids.astype(dtype).tobytes())
+            n_tokens += len(ids)
+        out.flush()
+        os.fsync(out.fileno())
+    return n_tokens, max_id
+
+
+def _write_synced(path: Path, content: bytes) -> None:
+    with open(path, "wb") as out:
+        out.write(content)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: Path, target: Path, fingerprint: str, *, replace_whole: bool, log) -> Path:
+    """Rename the finished tmp dir to `target`, replacing a broken one there (or a whole one if `replace_whole`)."""
+    for path in tmp.iterdir():  # fsync what tokenizer.save wrote
+        if path.is_file():
+            with open(path, "rb+") as handle:
+                os.fsync(handle.fileno())
+    (tmp / _OWNER_FILE).unlink()
+    if target.exists() and not replace_whole and check_prepared(target, fingerprint) is None:
+        log(f"prepare: another process prepared '{target}' first; using it")  # e.g. every rank ran prepare
+        return target
+    if target.exists():
+        # Move the old one aside under a tmp name, so a crash here leaves a stale tmp dir, not a broken target.
+        trash = tmp.with_name(tmp.name + "-old")
+        target.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    try:
+        tmp.rename(target)
+    except OSError:
+        if check_prepared(target, fingerprint) is None:  # another prepare of the same inputs finished first
+            log(f"prepare: another process prepared '{target}' first; using it")
+            return target
+        raise
+    _fsync_dir(target.parent)
+    log(f"prepare: wrote '{target}'")
+    return target
+
+
+def _remove_stale_tmp_dirs(target: Path, log) -> None:
+    """Delete `<target>.tmp-*` dirs whose builder (on this host) is no longer running."""
+    for tmp in target.parent.glob(f"{target.name}.tmp-*"):
+        owner_file = tmp / _OWNER_FILE
+        owner: Dict[str, object] = {}
+        try:
+            owner = json.loads(owner_file.read_text()) if owner_file.is_file() else {}
+            pid = int(owner.get("pid") or tmp.name.split(".tmp-", 1)[1].split("-")[0])
+        except (ValueError, IndexError, OSError):
+            pid = -1
+        if owner.get("host", socket.gethostname()) != socket.gethostname():
+            continue  # built on another host of a shared filesystem: its pid means nothing here
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        log(f"prepare: removing '{tmp}', left by a prepare (pid {pid}) that no longer runs")
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

@@ -1,0 +1,145 @@
+"""Document sources: turn a DataConfig into a `datasets.Dataset` with one string column, `text`.
+
+Every source yields documents in a fixed order (files sorted, rows in file order), so the
+split and the packed token files are a pure function of the inputs.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any, Dict, List
+
+import datasets
+
+from lmtrain.data.config import DataConfig, SourceKind
+
+# Directories of the standard library that are not library code (or not ours to learn from).
+STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib"})
+_GLOB_CHARS = frozenset("*?[")
+
+
+def resolve_local_files(patterns: List[str]) -> List[Path]:
+    """Expand `~` and globs (`**` recurses); each pattern's matches sorted, duplicates dropped.
+
+    Raises ValueError naming the first entry that matches nothing.
+    """
+    files: Dict[Path, None] = {}  # an ordered set
+    for pattern in patterns:
+        expanded = os.path.expanduser(pattern)
+        if _GLOB_CHARS.intersection(expanded):
+            matches = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file())
+            if not matches:
+                raise ValueError(f"data.paths entry '{pattern}' matches no file; fix the pattern or the directory")
+        else:
+            path = Path(expanded)
+            if path.is_dir():
+                raise ValueError(
+                    f"data.paths entry '{pattern}' is a directory; name its files with a glob, e.g. '{pattern}/*.txt'"
+                )
+            if not path.is_file():
+                raise ValueError(f"data.paths entry '{pattern}' does not exist; fix data.paths")
+            matches = [path]
+        for match in matches:
+            files[match.resolve()] = None
+    return list(files)
+
+
+def python_stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def python_stdlib_files() -> List[Path]:
+    """Every *.py of this interpreter's standard library outside tests, idlelib and site-packages,
+    sorted by path relative to the stdlib root."""
+    root = python_stdlib_root()
+    found = []
+    for directory, subdirs, filenames in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in STDLIB_EXCLUDED_DIRS]
+        found.extend(Path(directory, name) for name in filenames if name.endswith(".py"))
+    return sorted(found, key=lambda path: path.relative_to(root).as_posix())
+
+
+def source_identity(cfg: DataConfig) -> Dict[str, Any]:
+    """What identifies the documents, for the prepared dataset's fingerprint. Local files count
+    by resolved path, size and mtime, so editing a file makes a new dataset."""
+    match cfg.source:
+        case SourceKind.python_stdlib:
+            return {"kind": cfg.source.name, "python": sys.version, "stdlib": str(python_stdlib_root())}
+        case SourceKind.text | SourceKind.json | SourceKind.parquet:
+            files = []
+            for path in resolve_local_files(cfg.paths):
+                stat = path.stat()
+                files.append([str(path), stat.st_size, stat.st_mtime_ns])
+            return {"kind": cfg.source.name, "files": files}
+        case SourceKind.hub:
+            return {"kind": cfg.source.name, "name": cfg.hub_name, "config": cfg.hub_config, "split": cfg.hub_split}
+    raise ValueError(f"data.source={cfg.source!r} is not handled; use one of {[k.name for k in SourceKind]}")
+
+
+def describe_source(cfg: DataConfig) -> str:
+    """One line for logs and meta.json."""
+    match cfg.source:
+        case SourceKind.python_stdlib:
+            return f"python_stdlib: *.py under {python_stdlib_root()} (Python {sys.version.split()[0]})"
+        case SourceKind.text:
+            return f"text files {cfg.paths}, one document per {cfg.text_unit.name}"
+        case SourceKind.json | SourceKind.parquet:
+            return f"{cfg.source.name} files {cfg.paths}, column '{cfg.text_column}'"
+        case SourceKind.hub:
+            return f"hub dataset {cfg.hub_name} config {cfg.hub_config} split {cfg.hub_split}, column '{cfg.text_column}'"
+    raise ValueError(f"data.source={cfg.source!r} is not handled; use one of {[k.name for k in SourceKind]}")
+
+
+def load_documents(cfg: DataConfig, scratch_dir: Path) -> datasets.Dataset:
+    """All documents of the source, empty ones included, as a Dataset with the column `text`.
+
+    Local files are converted to Arrow under `scratch_dir` (thrown away after prepare); hub
+    datasets use the normal Hugging Face cache, so a download is reused.
+    """
+    hf_cache = str(scratch_dir / "hf_datasets")
+    match cfg.source:
+        case SourceKind.python_stdlib:
+            # ~11 MB: small enough to hold in memory; one document per file.
+            texts = [path.read_text(encoding="utf-8", errors="replace") for path in python_stdlib_files()]
+            return datasets.Dataset.from_dict({"text": texts})
+        case SourceKind.text:
+            files = [str(path) for path in resolve_local_files(cfg.paths)]
+            return datasets.load_dataset(
+                "text", data_files=files, sample_by=cfg.text_unit.name, split="train", cache_dir=hf_cache
+            )
+        case SourceKind.json | SourceKind.parquet:
+            files = [str(path) for path in resolve_local_files(cfg.paths)]
+            loaded = datasets.load_dataset(cfg.source.name, data_files=files, split="train", cache_dir=hf_cache)
+            return _text_column(loaded, cfg.text_column, describe_source(cfg))
+        case SourceKind.hub:
+            try:
+                loaded = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=cfg.hub_split)
+            except Exception as error:  # the hub raises many types; all mean the same to the user
+                raise ValueError(
+                    f"could not load data.hub_name={cfg.hub_name!r} data.hub_config={cfg.hub_config!r} "
+                    f"data.hub_split={cfg.hub_split!r}: {error}. Check the names on the hub, the network, "
+                    "or set HF_HUB_OFFLINE=1 with a filled Hugging Face cache"
+                ) from error
+            return _text_column(loaded, cfg.text_column, describe_source(cfg))
+    raise ValueError(f"data.source={cfg.source!r} is not handled; use one of {[k.name for k in SourceKind]}")
+
+
+def _text_column(dataset: datasets.Dataset, column: str, description: str) -> datasets.Dataset:
+    """Keep only `column`, renamed to `text`; raise listing the columns when it is absent or not text."""
+    if column not in dataset.column_names:
+        raise ValueError(
+            f"data.text_column={column!r} is not a column of {description}; its columns are "
+            f"{dataset.column_names}; set data.text_column to the one holding the text"
+        )
+    feature = dataset.features[column]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        raise ValueError(
+            f"data.text_column={column!r} of {description} holds {feature}, not text; "
+            f"pick a string column among {dataset.column_names}"
+        )
+    dataset = dataset.select_columns([column])
+    return dataset if column == "text" else dataset.rename_column(column, "text")

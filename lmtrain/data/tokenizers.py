@@ -1,0 +1,289 @@
+"""Tokenizers: byte, byte-level BPE trained on the corpus, or a pretrained tokenizer.json.
+
+Every tokenizer saves itself as a Hugging Face `tokenizer.json` (plus a `tokenizer_config.json`
+naming the special tokens), so `transformers.PreTrainedTokenizerFast(tokenizer_file=...)` and
+`AutoTokenizer.from_pretrained(dir)` load what lmtrain trained on, the byte tokenizer included.
+
+Special token ids:
+- byte: byte b is id b (0..255); then `<|endoftext|>` (eos) 256, `<|pad|>` 257, `<|bos|>` 258,
+  `<|mask|>` 259, `<|sep|>` 260, `<|unk|>` 261; vocab_size 262. unk is never produced; it is
+  there so encoder tasks find the same names in every tokenizer.
+- bpe: the specials come first: eos 0, pad 1, bos 2, mask 3, sep 4, unk 5; then the 256 byte
+  symbols, then merges, up to vocab_size.
+- pretrained: whatever the file says; eos is looked up by name, the extra specials when present.
+
+Text is encoded as text: a document that contains the string `<|endoftext|>` does not produce
+the eos id (HF tokenizers would otherwise match added tokens inside raw text).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import tokenizers as hf_tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+
+from lmtrain.data.config import TokenizerConfig, TokenizerKind
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+DEFAULT_EOS_TOKEN = "<|endoftext|>"
+# Reserved now so encoder tasks (masked LM, classification, QA) find them in every tokenizer.
+# Order matters: it fixes their ids (see the module docstring).
+EXTRA_SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|mask|>", "<|sep|>", "<|unk|>")
+# tokenizer_config.json keys that transformers reads, for the specials we know by name.
+_TRANSFORMERS_SPECIAL_KEYS = {
+    "<|pad|>": "pad_token",
+    "<|bos|>": "bos_token",
+    "<|mask|>": "mask_token",
+    "<|sep|>": "sep_token",
+    "<|unk|>": "unk_token",
+}
+
+
+class Tokenizer(ABC):
+    """What prepare and training need of a tokenizer. Ids are plain ints in [0, vocab_size)."""
+
+    vocab_size: int
+    eos_id: int
+    eos_token: str
+
+    @abstractmethod
+    def encode(self, text: str) -> List[int]: ...
+
+    @abstractmethod
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]: ...
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """Special tokens decode to their names; bytes that are not valid UTF-8 become U+FFFD."""
+
+    @abstractmethod
+    def to_json(self) -> str:
+        """The Hugging Face tokenizer.json text; saved byte for byte."""
+
+    @abstractmethod
+    def special_token_ids(self) -> Dict[str, int]:
+        """eos and those of EXTRA_SPECIAL_TOKENS this tokenizer has, by name."""
+
+    def fingerprint(self) -> str:
+        """sha256 hex of the serialized form: equals `sha256sum tokenizer.json` after `save`."""
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+
+    def save(self, directory: str | Path) -> Path:
+        """Write tokenizer.json and tokenizer_config.json into `directory`; returns tokenizer.json's path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / TOKENIZER_FILE
+        path.write_text(self.to_json(), encoding="utf-8")
+        transformers_config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token}
+        for name in self.special_token_ids():
+            if name in _TRANSFORMERS_SPECIAL_KEYS:
+                transformers_config[_TRANSFORMERS_SPECIAL_KEYS[name]] = name
+        (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(transformers_config, indent=2) + "\n")
+        return path
+
+
+def _bytes_to_symbols() -> List[str]:
+    """The byte-level alphabet: byte b -> a printable unicode character (the GPT-2 convention).
+
+    Printable Latin-1 bytes stand for themselves; the others are shifted past 255, so that
+    every byte is a visible, non-whitespace character that BPE can merge.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols: List[str] = []
+    shifted = 0
+    for byte in range(256):
+        if byte in printable:
+            symbols.append(chr(byte))
+        else:
+            symbols.append(chr(256 + shifted))
+            shifted += 1
+    return symbols
+
+
+def _added_tokens(names: Iterable[str]) -> List[AddedToken]:
+    return [AddedToken(name, special=True, normalized=False) for name in names]
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as ids, with specials after them. Encodes in Python: ~50x faster than HF here."""
+
+    def __init__(self, eos_token: str = DEFAULT_EOS_TOKEN, extra_special_tokens: Sequence[str] = EXTRA_SPECIAL_TOKENS):
+        if eos_token in extra_special_tokens:
+            raise ValueError(f"tokenizer.eos_token={eos_token!r} is one of the reserved specials {extra_special_tokens}")
+        self.eos_token = eos_token
+        self._specials = [eos_token, *extra_special_tokens]
+        self._special_ids = {name: 256 + i for i, name in enumerate(self._specials)}
+        self.eos_id = 256
+        self.vocab_size = 256 + len(self._specials)
+
+    def encode(self, text: str) -> List[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        return [list(text.encode("utf-8")) for text in texts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        pieces: List[str] = []
+        pending = bytearray()
+        for token_id in ids:
+            if 0 <= token_id < 256:
+                pending.append(token_id)
+                continue
+            if not 256 <= token_id < self.vocab_size:
+                raise ValueError(f"token id {token_id} is outside the byte tokenizer's vocabulary [0, {self.vocab_size})")
+            pieces.append(pending.decode("utf-8", errors="replace"))
+            pending.clear()
+            pieces.append(self._specials[token_id - 256])
+        pieces.append(pending.decode("utf-8", errors="replace"))
+        return "".join(pieces)
+
+    def to_json(self) -> str:
+        # The same mapping as an HF byte-level BPE without merges, so transformers can load it.
+        symbols = _bytes_to_symbols()
+        hf = hf_tokenizers.Tokenizer(models.BPE(vocab={symbols[b]: b for b in range(256)}, merges=[]))
+        # use_regex=False: one pre-token per text; nothing to split when there are no merges.
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        hf.decoder = decoders.ByteLevel()
+        hf.add_special_tokens(_added_tokens(self._specials))
+        return hf.to_str(pretty=True)
+
+    def special_token_ids(self) -> Dict[str, int]:
+        return dict(self._special_ids)
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers.Tokenizer` (trained BPE or a pretrained tokenizer.json)."""
+
+    def __init__(self, hf: hf_tokenizers.Tokenizer, eos_token: str, origin: str = "the tokenizer"):
+        eos_id = hf.token_to_id(eos_token)
+        if eos_id is None:
+            specials = [token.content for token in hf.get_added_tokens_decoder().values() if token.special]
+            raise ValueError(
+                f"tokenizer.eos_token={eos_token!r} is not in the vocabulary of {origin}; its special tokens are "
+                f"{specials[:20]}; set tokenizer.eos_token to the one that ends a document"
+            )
+        self._hf = hf
+        # A document containing e.g. "<|endoftext|>" must not end early: encode specials as text.
+        self._hf.encode_special_tokens = True
+        self.eos_token = eos_token
+        self.eos_id = eos_id
+        # Ids of a pretrained file need not be contiguous; an embedding must cover the largest.
+        self.vocab_size = max(hf.get_vocab(with_added_tokens=True).values()) + 1
+
+    # datasets.map(num_proc>1) pickles the tokenizer into its workers, and the HF pickle
+    # drops encode_special_tokens: rebuild through __init__ so workers encode like the parent.
+    def __getstate__(self) -> Dict[str, str]:
+        return {"json": self.to_json(), "eos_token": self.eos_token}
+
+    def __setstate__(self, state: Dict[str, str]) -> None:
+        self.__init__(hf_tokenizers.Tokenizer.from_str(state["json"]), state["eos_token"])
+
+    def encode(self, text: str) -> List[int]:
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        # encode_batch_fast skips offsets, which lmtrain never uses.
+        return [encoding.ids for encoding in self._hf.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._hf.decode(list(ids), skip_special_tokens=False)
+
+    def to_json(self) -> str:
+        return self._hf.to_str(pretty=True)
+
+    def special_token_ids(self) -> Dict[str, int]:
+        found = {self.eos_token: self.eos_id}
+        for name in EXTRA_SPECIAL_TOKENS:
+            token_id = self._hf.token_to_id(name)
+            if token_id is not None:
+                found[name] = token_id
+        return found
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str], *, vocab_size: int, min_frequency: int, eos_token: str = DEFAULT_EOS_TOKEN
+) -> HFTokenizer:
+    """Train a byte-level BPE (GPT-2 style pre-tokenization): any text round-trips, no unknown tokens."""
+    if eos_token in EXTRA_SPECIAL_TOKENS:
+        raise ValueError(f"tokenizer.eos_token={eos_token!r} is one of the reserved specials {EXTRA_SPECIAL_TOKENS}")
+    hf = hf_tokenizers.Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=_added_tokens([eos_token, *EXTRA_SPECIAL_TOKENS]),
+        # All 256 bytes, even those absent from the training text, so nothing is ever unknown.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf.train_from_iterator(texts, trainer=trainer)
+    return HFTokenizer(hf, eos_token, origin="the trained BPE tokenizer")
+
+
+def resolve_tokenizer_file(path: str | Path) -> Path:
+    """A tokenizer.json file, or a directory holding one; raises with the path when neither exists."""
+    candidate = Path(path).expanduser()
+    if candidate.is_dir():
+        candidate = candidate / TOKENIZER_FILE
+    if not candidate.is_file():
+        raise ValueError(
+            f"tokenizer.path '{path}' is not a tokenizer.json file nor a directory holding one "
+            f"(looked for '{candidate}'); set tokenizer.path to an existing file"
+        )
+    return candidate
+
+
+def _eos_token_from_config(tokenizer_file: Path) -> Optional[str]:
+    config_path = tokenizer_file.parent / TOKENIZER_CONFIG_FILE
+    if not config_path.is_file():
+        return None
+    eos = json.loads(config_path.read_text(encoding="utf-8")).get("eos_token")
+    # transformers writes either "<eos>" or {"content": "<eos>", ...}.
+    return eos.get("content") if isinstance(eos, dict) else eos
+
+
+def load_tokenizer(path: str | Path, eos_token: Optional[str] = None) -> Tokenizer:
+    """Load a tokenizer.json (file or directory). eos_token defaults to the one in a sibling
+    tokenizer_config.json, else `<|endoftext|>`. A file in the byte tokenizer's exact layout
+    comes back as a fast ByteTokenizer."""
+    tokenizer_file = resolve_tokenizer_file(path)
+    eos_token = eos_token or _eos_token_from_config(tokenizer_file) or DEFAULT_EOS_TOKEN
+    text = tokenizer_file.read_text(encoding="utf-8")
+    byte_tokenizer = _as_byte_tokenizer(text, eos_token)
+    if byte_tokenizer is not None:
+        return byte_tokenizer
+    return HFTokenizer(hf_tokenizers.Tokenizer.from_str(text), eos_token, origin=f"'{tokenizer_file}'")
+
+
+def _as_byte_tokenizer(text: str, eos_token: str) -> Optional[ByteTokenizer]:
+    """The ByteTokenizer whose to_json() equals this file, if there is one."""
+    content = json.loads(text)
+    added = sorted(content.get("added_tokens") or [], key=lambda token: token["id"])
+    names = [token["content"] for token in added]
+    if not names or names[0] != eos_token or [token["id"] for token in added] != list(range(256, 256 + len(names))):
+        return None
+    candidate = ByteTokenizer(eos_token, extra_special_tokens=names[1:])
+    return candidate if json.loads(candidate.to_json()) == content else None
+
+
+def build_tokenizer(cfg: TokenizerConfig, train_texts: Optional[Iterable[str]] = None) -> Tokenizer:
+    """The tokenizer `cfg` asks for; bpe trains on `train_texts` (the train split)."""
+    match cfg.kind:
+        case TokenizerKind.byte:
+            return ByteTokenizer(cfg.eos_token)
+        case TokenizerKind.bpe:
+            if train_texts is None:
+                raise ValueError("tokenizer.kind=bpe needs training texts; build it through prepare_dataset")
+            return train_bpe_tokenizer(
+                train_texts, vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, eos_token=cfg.eos_token
+            )
+        case TokenizerKind.pretrained:
+            return load_tokenizer(resolve_tokenizer_file(cfg.path), eos_token=cfg.eos_token)
+    raise ValueError(f"tokenizer.kind={cfg.kind!r} is not handled; use one of {[k.name for k in TokenizerKind]}")

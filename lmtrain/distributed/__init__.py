@@ -1,0 +1,1 @@
+"""Strategy builders, rank helpers and (later) sharding: applied from outside the model code."""

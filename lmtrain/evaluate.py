@@ -1,0 +1,49 @@
+"""`lmtrain eval`: val loss, perplexity and bits per byte of a checkpoint on its run's val split."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmtrain.config import EvalConfig
+from lmtrain.data.prepare import load_prepared
+from lmtrain.data.sampler import ValWindows, count_windows
+from lmtrain.inference import load_model
+
+
+@torch.no_grad()
+def run(cfg: EvalConfig) -> dict[str, float]:
+    model, record = load_model(cfg.ckpt, cfg.device)
+    trainer_cfg = record["config"]["trainer"]
+    data_dir = Path(record["data_dir"])
+    prepared = load_prepared(data_dir)
+    meta = prepared.meta
+    if meta.tokenizer_hash != record["tokenizer_hash"]:
+        raise ValueError(f"{data_dir} was prepared with another tokenizer than checkpoint {cfg.ckpt} was trained with")
+    seq_len = trainer_cfg["seq_len"]
+    micro = cfg.micro_batch_size or trainer_cfg["micro_batch_size"]
+    available = count_windows(meta.n_val_tokens, seq_len)
+    n_windows = available if cfg.val_batches is None else min(available, cfg.val_batches * micro)
+    windows = ValWindows(data_dir / "val.bin", dtype=meta.dtype, n_tokens=meta.n_val_tokens, seq_len=seq_len,
+                         n_windows=n_windows, rank=0, world_size=1)
+    loader = torch.utils.data.DataLoader(windows, batch_size=micro)
+    device = next(model.parameters()).device
+    loss_sum, tokens = 0.0, 0
+    for batch in loader:
+        batch = batch.to(device)
+        logits = model(batch[:, :-1])
+        loss_sum += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
+        tokens += batch[:, 1:].numel()
+    loss = loss_sum / tokens
+    result = {
+        "val/loss": loss,
+        "val/ppl": math.exp(min(loss, 50.0)),
+        "val/bpb": loss / math.log(2) * meta.n_val_tokens / max(1, meta.val_bytes),
+        "val/tokens": float(tokens),
+    }
+    print(f"{cfg.ckpt}: val loss {loss:.4f} | ppl {result['val/ppl']:.2f} | {result['val/bpb']:.4f} bits/byte "
+          f"| {tokens:,} tokens ({n_windows} windows of {seq_len})", flush=True)
+    return result

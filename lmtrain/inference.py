@@ -1,0 +1,61 @@
+"""Load a trained model and its tokenizer from a checkpoint, for `generate` and `eval`."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from lmtrain.checkpoint import CheckpointError, load_checkpoint_file
+from lmtrain.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
+from lmtrain.model.config import MLPKind, ModelConfig, Norm, Positional
+from lmtrain.model.transformer import Transformer
+
+_ENUMS = {"positional": Positional, "norm": Norm, "mlp": MLPKind}
+
+
+def model_config_from_record(record: dict) -> ModelConfig:
+    known = {f.name for f in fields(ModelConfig)}
+    values = {k: (_ENUMS[k](v) if k in _ENUMS else v) for k, v in record.items() if k in known}
+    return ModelConfig(**values)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(ckpt_path: str | Path, device: str = "auto") -> tuple[Transformer, dict]:
+    """The plain model of a checkpoint (weights only, eval mode) and the checkpoint's lmtrain record."""
+    ckpt = load_checkpoint_file(ckpt_path, mmap=True)
+    record = ckpt["lmtrain"]
+    model_cfg = model_config_from_record(record["model_config"])
+    model = Transformer(model_cfg)  # no init_weights(): every weight comes from the checkpoint
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {ckpt_path} does not match its own model config: {e}") from e
+    return model.to(resolve_device(device)).eval(), record
+
+
+def load_run_tokenizer(ckpt_path: str | Path, record: dict) -> Tokenizer:
+    """The tokenizer saved in the run dir (runs/<run>/tokenizer), else the prepared data's; its hash
+    must match the one recorded at training time."""
+    ckpt_path = Path(ckpt_path).resolve()
+    candidates = [ckpt_path.parent.parent / "tokenizer" / TOKENIZER_FILE, Path(record.get("data_dir", "")) / TOKENIZER_FILE]
+    for path in candidates:
+        if path.is_file():
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            if digest != record["tokenizer_hash"]:
+                raise CheckpointError(
+                    f"tokenizer {path} (sha256 {digest[:12]}) is not the one checkpoint {ckpt_path} was trained with "
+                    f"({record['tokenizer_hash'][:12]})"
+                )
+            return load_tokenizer(path)
+    raise CheckpointError(
+        f"no tokenizer for checkpoint {ckpt_path}: looked for {', '.join(str(p) for p in candidates)}"
+    )

@@ -1,0 +1,116 @@
+"""Causal self-attention (with grouped-query heads) and the key/value cache used in generation."""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmtrain.model.layers import apply_rope
+
+
+class LayerKVCache:
+    """Keys and values of one layer for positions 0 .. max_len - 1.
+
+    The buffers are allocated at the first `update`, with that call's batch size, kv heads,
+    head dim, dtype and device, so the cache follows autocast and the model's device.
+    """
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
+        self.k: Optional[Tensor] = None
+        self.v: Optional[Tensor] = None
+
+    def update(self, k: Tensor, v: Tensor, start_pos: int) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, H_kv, T, D) at positions start_pos .. start_pos + T - 1.
+
+        Returns the keys and values of positions 0 .. start_pos + T - 1, each (B, H_kv, S, D).
+        """
+        end = start_pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(
+                f"KV cache holds {self.max_len} positions but positions up to {end} were written: "
+                "build KVCache with a larger max_len"
+            )
+        if self.k is None or self.v is None:
+            batch, heads, _, head_dim = k.shape
+            self.k = k.new_zeros(batch, heads, self.max_len, head_dim)
+            self.v = v.new_zeros(batch, heads, self.max_len, head_dim)
+        self.k[:, :, start_pos:end] = k
+        self.v[:, :, start_pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """One `LayerKVCache` per block; `kv_cache[i]` is what block i receives."""
+
+    def __init__(self, n_layers: int, max_len: int) -> None:
+        self.layers = [LayerKVCache(max_len) for _ in range(n_layers)]
+
+    def __getitem__(self, index: int) -> LayerKVCache:
+        return self.layers[index]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention through `F.scaled_dot_product_attention`.
+
+    `qkv` projects to [q heads | k heads | v heads] in one matmul; with n_kv_heads < n_heads
+    each group of n_heads / n_kv_heads query heads shares one k/v head (GQA,
+    https://arxiv.org/abs/2305.13245). `out_proj` is the residual output projection that
+    `Transformer.init_weights` scales down.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, *, bias: bool, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = d_model // n_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
+        self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: Optional[tuple[Tensor, Tensor]] = None,
+        kv_cache: Optional[LayerKVCache] = None,
+        start_pos: int = 0,
+    ) -> Tensor:
+        """x (B, T, d_model) at positions start_pos .. start_pos + T - 1 -> (B, T, d_model)."""
+        batch, seq_len, _ = x.shape
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split((q_size, kv_size, kv_size), dim=-1)
+        q = q.view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = v.view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v, start_pos)  # (B, H_kv, S, D), S = start_pos + T
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            **_causal_mask_args(seq_len, k.shape[2], x.device),
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(batch, seq_len, q_size)  # (B, T, H * D)
+        return self.out_proj(out)
+
+
+def _causal_mask_args(q_len: int, kv_len: int, device: torch.device) -> dict:
+    """SDPA mask arguments for queries that are the last q_len of kv_len positions."""
+    if q_len == kv_len:
+        return {"is_causal": True}
+    if q_len == 1:
+        return {}  # one new token sees every cached position
+    # SDPA's is_causal aligns the mask to the top-left corner when q_len != kv_len, which is
+    # wrong for a chunk appended to a cache: query i sits at position kv_len - q_len + i.
+    query_pos = torch.arange(kv_len - q_len, kv_len, device=device)
+    key_pos = torch.arange(kv_len, device=device)
+    return {"attn_mask": key_pos[None, :] <= query_pos[:, None]}  # (T, S), True = may attend

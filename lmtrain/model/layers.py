@@ -1,0 +1,93 @@
+"""Building blocks without attention: norms, MLPs and position encodings."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmtrain.model.config import MLPKind, Norm
+
+
+def build_norm(kind: Norm, dim: int, *, eps: float, bias: bool) -> nn.Module:
+    match kind:
+        case Norm.rmsnorm:
+            return nn.RMSNorm(dim, eps=eps)
+        case Norm.layernorm:
+            return nn.LayerNorm(dim, eps=eps, bias=bias)
+    raise ValueError(f"unknown model.norm={kind!r}: use one of {', '.join(Norm.__members__)}")
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: d_model -> hidden -> d_model.
+
+    swiglu: down(silu(gate(x)) * up(x)) (Shazeer 2020, https://arxiv.org/abs/2002.05202).
+    gelu: the tanh approximation, as GPT-2 uses. relu: as the original Transformer.
+    `down` is the residual output projection that `Transformer.init_weights` scales down.
+    """
+
+    def __init__(self, kind: MLPKind, d_model: int, hidden: int, *, bias: bool) -> None:
+        super().__init__()
+        if kind not in (MLPKind.swiglu, MLPKind.gelu, MLPKind.relu):
+            raise ValueError(f"unknown model.mlp={kind!r}: use one of {', '.join(MLPKind.__members__)}")
+        self.kind = kind
+        self.up = nn.Linear(d_model, hidden, bias=bias)
+        self.gate = nn.Linear(d_model, hidden, bias=bias) if kind is MLPKind.swiglu else None
+        self.down = nn.Linear(hidden, d_model, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        match self.kind:
+            case MLPKind.swiglu:
+                h = F.silu(self.gate(x)) * self.up(x)
+            case MLPKind.gelu:
+                h = F.gelu(self.up(x), approximate="tanh")
+            case MLPKind.relu:
+                h = F.relu(self.up(x))
+        return self.down(h)
+
+
+def compute_rope_cos_sin(
+    seq_len: int, head_dim: int, *, theta: float, start_pos: int = 0, device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles for positions start_pos .. start_pos + seq_len - 1.
+
+    Returns two float32 tensors of shape (seq_len, head_dim), each frequency written twice
+    (first half, second half) to match `apply_rope`'s rotate-half layout.
+    Computed per forward rather than kept as a buffer: a buffer would be cast to bf16 by
+    `model.to(torch.bfloat16)` (losing the angles of far positions) and left as garbage by
+    `to_empty()` after meta-device construction.
+    """
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    positions = torch.arange(start_pos, start_pos + seq_len, device=device, dtype=torch.float32)
+    angles = torch.outer(positions, inv_freq)  # (T, D/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, D)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x[i], x[i + D/2]) of x (B, H, T, D) by the angles whose cos/sin are (T, D).
+
+    The rotate-half pairing (GPT-NeoX, Hugging Face Llama) rather than interleaved pairs
+    (original RoFormer/Meta code): equivalent up to a permutation of q/k rows, and it maps onto
+    Hugging Face Llama weights without one. Computed in float32, returned in x's dtype.
+    """
+    x_float = x.float()
+    first, second = x_float.chunk(2, dim=-1)
+    rotated = torch.cat((-second, first), dim=-1)
+    return (x_float * cos + rotated * sin).type_as(x)
+
+
+def compute_sinusoidal_table(max_seq_len: int, d_model: int, *, device: torch.device | None = None) -> Tensor:
+    """The fixed encoding of Vaswani et al. 2017, section 3.5, shape (max_seq_len, d_model) float32.
+
+    pe[pos, 2i] = sin(pos / 10000^(2i / d_model)), pe[pos, 2i + 1] = cos(same angle).
+    """
+    positions = torch.arange(max_seq_len, device=device, dtype=torch.float32)
+    inv_freq = torch.exp(
+        torch.arange(0, d_model, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / d_model)
+    )
+    angles = torch.outer(positions, inv_freq)  # (T, ceil(d_model / 2))
+    table = torch.zeros(max_seq_len, d_model, device=device)
+    table[:, 0::2] = angles.sin()
+    table[:, 1::2] = angles.cos()[:, : d_model // 2]  # an odd d_model has one fewer cos column
+    return table

@@ -1,0 +1,209 @@
+"""A decoder-only Transformer language model, configured by `ModelConfig`.
+
+Plain PyTorch: activation checkpointing, FSDP sharding and compile wrap `Transformer.blocks[i]`
+from outside (lmtrain/distributed/), so each `Block` takes everything it needs as arguments.
+"""
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from lmtrain.model.attention import CausalSelfAttention, KVCache, LayerKVCache
+from lmtrain.model.config import ModelConfig, Positional
+from lmtrain.model.generate import generate_tokens
+from lmtrain.model.layers import MLP, build_norm, compute_rope_cos_sin, compute_sinusoidal_table
+
+
+class Block(nn.Module):
+    """Attention then MLP, each with a residual connection.
+
+    pre-norm:  x = x + attn(attn_norm(x));  x = x + mlp(mlp_norm(x))
+    post-norm: x = attn_norm(x + attn(x));  x = mlp_norm(x + mlp(x))   (Vaswani et al. 2017)
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.pre_norm = cfg.pre_norm
+        norm_args = dict(eps=cfg.norm_eps, bias=cfg.bias)
+        self.attn_norm = build_norm(cfg.norm, cfg.d_model, **norm_args)
+        self.attn = CausalSelfAttention(
+            cfg.d_model, cfg.n_heads, cfg.kv_heads, bias=cfg.bias, dropout=cfg.dropout
+        )
+        self.mlp_norm = build_norm(cfg.norm, cfg.d_model, **norm_args)
+        self.mlp = MLP(cfg.mlp, cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: Optional[tuple[Tensor, Tensor]] = None,
+        kv_cache: Optional[LayerKVCache] = None,
+        start_pos: int = 0,
+    ) -> Tensor:
+        """x (B, T, d_model) -> (B, T, d_model).
+
+        rope: (cos, sin), each (T, head_dim) float32, or None when positions are not rotary.
+        kv_cache: this block's entry of a `KVCache` (generation only), or None.
+        start_pos: position of x[:, 0]; with a cache, the number of positions already in it.
+        """
+        if self.pre_norm:
+            x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, kv_cache, start_pos))
+            return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
+        x = self.attn_norm(x + self.resid_dropout(self.attn(x, rope, kv_cache, start_pos)))
+        return self.mlp_norm(x + self.resid_dropout(self.mlp(x)))
+
+
+class Transformer(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, padded_vocab_size) float32.
+
+    Build with `lmtrain.model.build_model(cfg)`, which also initialises the weights. To build
+    on the meta device: construct under `torch.device("meta")`, shard, `to_empty(device=...)`,
+    then call `init_weights()` (it also refills the sinusoidal table, a non-persistent buffer).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError(
+                "model.vocab_size is null: set model.vocab_size or build from prepared data "
+                "(cfg.with_vocab(tokenizer vocab size))"
+            )
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
+        if cfg.positional is Positional.learned:
+            self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        if cfg.positional is Positional.sinusoidal:
+            table = compute_sinusoidal_table(cfg.max_seq_len, cfg.d_model)
+            self.register_buffer("sinusoidal_table", table, persistent=False)
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        # Post-norm blocks already end in a norm; a final one would normalise twice.
+        final_norm = build_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.norm = final_norm if cfg.pre_norm else nn.Identity()
+        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        if cfg.tied_embeddings:
+            self.lm_head.weight = self.tok_embeddings.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The one place weights are initialised (GPT-2 / nanoGPT scheme).
+
+        Linears and embeddings ~ N(0, init_std), biases 0, norm weights 1; the residual output
+        projections (attn.out_proj, mlp.down) ~ N(0, init_std / sqrt(2 * n_layers)) so the
+        residual stream's variance does not grow with depth (GPT-2 paper, section 2.3).
+        """
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and module.weight is not None:
+                nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.out_proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.down.weight, mean=0.0, std=residual_std)
+        if self.cfg.positional is Positional.sinusoidal:
+            device = self.sinusoidal_table.device
+            table = compute_sinusoidal_table(self.cfg.max_seq_len, self.cfg.d_model, device=device)
+            self.sinusoidal_table = table
+
+    def forward(self, idx: Tensor, *, start_pos: int = 0, kv_cache: Optional[KVCache] = None) -> Tensor:
+        """idx (B, T) int64 token ids at positions start_pos .. start_pos + T - 1.
+
+        Returns logits (B, T, padded_vocab_size) float32; columns >= vocab_size belong to
+        padding rows and should be ignored (generate masks them). With kv_cache, the keys and
+        values of these positions are stored and earlier cached positions are attended to.
+        """
+        batch, seq_len = idx.shape
+        if start_pos + seq_len > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence length {start_pos + seq_len} (start_pos={start_pos} + {seq_len} tokens) "
+                f"exceeds model.max_seq_len={self.cfg.max_seq_len}: "
+                "shorten the input or raise model.max_seq_len"
+            )
+        x = self.tok_embeddings(idx)  # (B, T, d_model)
+        if self.cfg.embedding_scale:
+            x = x * math.sqrt(self.cfg.d_model)
+        x, rope = self._add_positions(x, start_pos)
+        x = self.embed_dropout(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, None if kv_cache is None else kv_cache[i], start_pos)
+        return self.lm_head(self.norm(x)).float()
+
+    def _add_positions(
+        self, x: Tensor, start_pos: int
+    ) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
+        """Add absolute position encodings to x, or return the rotary (cos, sin) for the blocks."""
+        positions = slice(start_pos, start_pos + x.shape[1])
+        match self.cfg.positional:
+            case Positional.rope:
+                rope = compute_rope_cos_sin(
+                    x.shape[1],
+                    self.cfg.head_dim,
+                    theta=self.cfg.rope_theta,
+                    start_pos=start_pos,
+                    device=x.device,
+                )
+                return x, rope
+            case Positional.learned:
+                return x + self.pos_embeddings.weight[positions], None
+            case Positional.sinusoidal:
+                return x + self.sinusoidal_table[positions].to(x.dtype), None
+        choices = ", ".join(Positional.__members__)
+        raise ValueError(f"unknown model.positional={self.cfg.positional!r}: use one of {choices}")
+
+    def num_parameters(self) -> int:
+        """Trainable parameters, tied weights once, without the padding rows of the vocab."""
+        total = sum(p.numel() for p in self.parameters())
+        padding_rows = self.cfg.padded_vocab_size - self.cfg.vocab_size
+        vocab_matrices = 1 if self.cfg.tied_embeddings else 2
+        return total - vocab_matrices * padding_rows * self.cfg.d_model
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token: 6 N + 12 L H Q T.
+
+        PaLM, appendix B (https://arxiv.org/abs/2204.02311). N counts the parameters in matmuls:
+        num_parameters() without the learned position table and, when untied, without the input
+        embedding (a lookup, not a matmul); tied, the shared matrix counts once, as the lm head.
+        """
+        cfg = self.cfg
+        n_matmul = self.num_parameters()
+        if cfg.positional is Positional.learned:
+            n_matmul -= cfg.max_seq_len * cfg.d_model
+        if not cfg.tied_embeddings:
+            n_matmul -= cfg.vocab_size * cfg.d_model
+        attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+        return float(6 * n_matmul + attention)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        eos_id: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
+        """Continue prompts idx (B, T0) by up to max_new_tokens; returns (B, T0 + n) int64.
+
+        See `lmtrain.model.generate.generate_tokens` for the contract (greedy at temperature 0,
+        top-k then top-p, eos handling, and the ValueError when T0 + max_new_tokens exceeds
+        max_seq_len: prompts are never cropped silently).
+        """
+        return generate_tokens(
+            self,
+            idx,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_id=eos_id,
+            generator=generator,
+        )

@@ -1,0 +1,129 @@
+"""Optimizer and learning-rate schedule: plain PyTorch, configured by `optim` and `schedule`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+class OptimKind(Enum):
+    adamw = "adamw"
+
+
+class ScheduleKind(Enum):
+    cosine = "cosine"
+    wsd = "wsd"
+    constant = "constant"
+
+
+@dataclass
+class OptimConfig:
+    kind: OptimKind = OptimKind.adamw
+    lr: float = 3e-4
+    """Peak learning rate (after warmup)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    """Decoupled weight decay; never applied to norms, biases or embeddings."""
+    fused: Optional[bool] = None
+    """Fused AdamW kernel; None = use it where the device supports it (CUDA)."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr={self.lr} must be > 0")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"optim.{name}={value} must be in [0, 1); typical values are 0.9 and 0.95")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay={self.weight_decay} must be >= 0")
+
+
+@dataclass
+class ScheduleConfig:
+    kind: ScheduleKind = ScheduleKind.cosine
+    warmup_steps: int = 100
+    """Linear warmup from 0 over this many optimizer steps."""
+    min_lr_ratio: float = 0.1
+    """The floor of the decay, as a fraction of optim.lr."""
+    decay_fraction: float = 0.2
+    """wsd: the last fraction of training spent decaying linearly to the floor."""
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            raise ValueError(f"schedule.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"schedule.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ValueError(f"schedule.decay_fraction={self.decay_fraction} must be in (0, 1]")
+
+
+def split_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two parameter groups: matrices decay; norms, biases and embeddings do not."""
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))  # a tied weight appears once
+        (decay if p.ndim >= 2 and id(p) not in embedding_ids else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    groups = split_decay_groups(model, cfg.weight_decay)
+    match cfg.kind:
+        case OptimKind.adamw:
+            on_cuda = next(model.parameters()).is_cuda
+            fused = on_cuda if cfg.fused is None else cfg.fused
+            return torch.optim.AdamW(
+                groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused
+            )
+    raise ValueError(f"optim.kind={cfg.kind} is not supported; choose one of {[k.name for k in OptimKind]}")
+
+
+class LRMultiplier:
+    """lr(step) / peak lr, stepped once per optimizer step.
+
+    A callable object rather than a closure: LambdaLR saves its __dict__ (plain numbers and a
+    string), which keeps checkpoints loadable with torch.load(weights_only=True).
+    """
+
+    def __init__(self, cfg: ScheduleConfig, max_steps: int) -> None:
+        self.kind = cfg.kind.value
+        self.warmup_steps = cfg.warmup_steps
+        self.max_steps = max_steps
+        self.min_lr_ratio = cfg.min_lr_ratio
+        self.decay_steps = max(1, round(cfg.decay_fraction * max_steps))
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        floor = self.min_lr_ratio
+        match self.kind:
+            case "constant":
+                return 1.0
+            case "cosine":
+                span = max(1, self.max_steps - self.warmup_steps)
+                progress = min(1.0, (step - self.warmup_steps) / span)
+                return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+            case "wsd":
+                decay_start = self.max_steps - self.decay_steps
+                if step < decay_start:
+                    return 1.0
+                progress = min(1.0, (step - decay_start) / self.decay_steps)
+                return 1.0 - (1.0 - floor) * progress
+        raise ValueError(f"schedule.kind={self.kind!r} is not supported; choose one of {[k.name for k in ScheduleKind]}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRMultiplier(cfg, max_steps))

@@ -1,0 +1,222 @@
+"""`lmtrain train`: one typed config in, a run directory out.
+
+run() validates everything it can before compute is spent, builds the data, task and trainer,
+resumes from the newest valid checkpoint of the run, trains, and prints a summary and a sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import yaml
+
+from lmtrain import __version__
+from lmtrain.callbacks.checkpoint import StepCheckpoint
+from lmtrain.callbacks.step_metrics import StepMetrics
+from lmtrain.checkpoint import AtomicCheckpointIO, CheckpointError, find_resume_checkpoint, load_checkpoint_file, shape_mismatches
+from lmtrain.checkpoint.io import remove_stale_temp_files
+from lmtrain.config import TrainConfig, TrainerConfig
+from lmtrain.data.datamodule import LMDataModule
+from lmtrain.data.prepare import DatasetMeta, load_prepared, prepared_dir
+from lmtrain.data.tokenizers import TOKENIZER_FILE, load_tokenizer
+from lmtrain.distributed.parallelize import apply_activation_checkpointing, apply_compile
+from lmtrain.distributed.rank import is_rank_zero, say
+from lmtrain.distributed.strategy import build_strategy
+from lmtrain.loggers import build_loggers
+from lmtrain.model.config import ModelConfig
+from lmtrain.tasks.causal_lm import CausalLMTask
+
+# Dense bf16 peak FLOP/s by device-name fragment; Lightning 2.6 does not know the H200.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def resolve_model_config(model: ModelConfig, meta: DatasetMeta, data_dir: Path) -> ModelConfig:
+    """The model's vocabulary from the data, or a check that the data fits the model's."""
+    if model.vocab_size is None:
+        return model.with_vocab(meta.vocab_size)
+    if meta.vocab_size > model.vocab_size:
+        raise ValueError(
+            f"the tokenizer of {data_dir} has {meta.vocab_size} tokens, more than model.vocab_size={model.vocab_size} "
+            f"of model={model.name}; set model.vocab_size={meta.vocab_size} (or null to take it from the data), "
+            "or prepare with a smaller tokenizer.vocab_size"
+        )
+    return model
+
+
+def check_token_ids(train: np.ndarray, val: np.ndarray, meta: DatasetMeta, vocab_size: int, data_dir: Path) -> None:
+    """Token ids must be < vocab_size: the recorded maximum, and a direct look at the first tokens
+    (an out-of-range id would otherwise surface as a device-side assert far from its cause)."""
+    probe = [int(a[: 1 << 20].max()) for a in (train, val) if len(a)]
+    largest = max([meta.max_token_id, *probe])
+    if largest >= vocab_size:
+        raise ValueError(
+            f"{data_dir} holds token id {largest}, out of range for a vocabulary of {vocab_size}; the data was "
+            "prepared with another tokenizer or is damaged: prepare it again (lmtrain prepare ... force=true)"
+        )
+
+
+def resolve_precision(trainer: TrainerConfig) -> str:
+    if trainer.precision != "auto":
+        return trainer.precision
+    on_gpu = trainer.accelerator in ("gpu", "cuda") or (trainer.accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def peak_flops(trainer: TrainerConfig) -> float | None:
+    if trainer.peak_flops_per_device:
+        return trainer.peak_flops_per_device
+    if torch.cuda.is_available() and trainer.accelerator != "cpu":
+        name = torch.cuda.get_device_name()
+        return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return None
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+    """Entropy (nats/token) of the token distribution: the loss of the best context-free model."""
+    counts = np.bincount(np.asarray(tokens), minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def choose_checkpoint(cfg: TrainConfig, ckpt_dir: Path, task: CausalLMTask) -> Path | None:
+    expected = task.state_dict()
+    match cfg.resume:
+        case "never":
+            if any(ckpt_dir.glob("step-*.ckpt")):
+                raise ValueError(
+                    f"resume=never but {ckpt_dir} already holds checkpoints; choose a new run_name, or resume=auto"
+                )
+            return None
+        case "auto":
+            removed = remove_stale_temp_files(ckpt_dir) if is_rank_zero() else []
+            for path in removed:
+                say(f"removed {path.name}: left by a checkpoint write that was interrupted")
+            return find_resume_checkpoint(ckpt_dir, expected)
+        case path:
+            ckpt = load_checkpoint_file(path)
+            if problems := shape_mismatches(ckpt["state_dict"], expected):
+                raise CheckpointError(
+                    f"checkpoint {path} was saved from another model shape:\n  " + "\n  ".join(problems[:20])
+                )
+            return Path(path)
+
+
+def write_run_files(run_dir: Path, record: dict, data_dir: Path) -> None:
+    if not is_rank_zero():
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+    tokenizer_dir = run_dir / "tokenizer"
+    tokenizer_dir.mkdir(exist_ok=True)
+    (tokenizer_dir / TOKENIZER_FILE).write_bytes((data_dir / TOKENIZER_FILE).read_bytes())
+
+
+def run(cfg: TrainConfig, record: dict, run_dir: Path) -> None:
+    started = time.perf_counter()
+    data_dir = prepared_dir(cfg.data, cfg.tokenizer)
+    prepared = load_prepared(data_dir)
+    meta = prepared.meta
+    model_cfg = resolve_model_config(cfg.model, meta, data_dir)
+    check_token_ids(prepared.train, prepared.val, meta, model_cfg.vocab_size, data_dir)
+    tcfg = cfg.trainer
+    accumulate = tcfg.accumulation()
+    global_batch = tcfg.resolved_global_batch_size()
+
+    record = {**record, "model": {**record["model"], "vocab_size": model_cfg.vocab_size}}
+    ckpt_record = {
+        "version": __version__,
+        "config": record,
+        "model_config": {f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(model_cfg)},
+        "tokenizer_hash": meta.tokenizer_hash,
+        "data_dir": str(data_dir),
+    }
+    ckpt_record["model_config"] = {k: (v.value if hasattr(v, "value") else v) for k, v in ckpt_record["model_config"].items()}
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    task = CausalLMTask(
+        model_cfg, cfg.optim, cfg.schedule,
+        max_steps=tcfg.max_steps, seed=cfg.seed, grad_clip=tcfg.grad_clip, accumulate=accumulate, record=ckpt_record,
+    )
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_path = choose_checkpoint(cfg, ckpt_dir, task)
+    if tcfg.activation_checkpointing:
+        apply_activation_checkpointing(task.model)
+    if tcfg.compile:
+        apply_compile(task.model)
+
+    datamodule = LMDataModule(
+        data_dir, dtype=meta.dtype, n_train_tokens=meta.n_train_tokens, n_val_tokens=meta.n_val_tokens,
+        seq_len=tcfg.seq_len, micro_batch_size=tcfg.micro_batch_size, global_batch_size=global_batch,
+        seed=cfg.seed, val_batches=tcfg.val_batches, num_workers=tcfg.num_workers,
+    )
+    write_run_files(run_dir, record, data_dir)
+    tokens_per_step = global_batch * tcfg.seq_len
+    progress_bar = sys.stdout.isatty() if tcfg.progress_bar is None else tcfg.progress_bar
+    metrics = StepMetrics(
+        log_every_steps=tcfg.log_every_steps, max_steps=tcfg.max_steps, tokens_per_step=tokens_per_step,
+        flops_per_token=task.model.flops_per_token(tcfg.seq_len), peak_flops_per_device=peak_flops(tcfg),
+        tokens_per_byte=meta.n_val_tokens / max(1, meta.val_bytes), print_lines=not progress_bar,
+    )
+    trainer = L.Trainer(
+        accelerator=tcfg.accelerator, devices=tcfg.devices, num_nodes=tcfg.num_nodes,
+        strategy=build_strategy(cfg.strategy, world_size=tcfg.world_size), precision=resolve_precision(tcfg),
+        max_steps=tcfg.max_steps, max_epochs=-1, accumulate_grad_batches=accumulate,
+        val_check_interval=tcfg.val_every_steps * accumulate, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # our sampler deals disjoint, resumable slices itself
+        logger=build_loggers(cfg.logger, run_dir), enable_checkpointing=False,
+        callbacks=[metrics, StepCheckpoint(ckpt_dir, every_n_steps=tcfg.ckpt_every_steps, keep_last=tcfg.keep_last_checkpoints)],
+        plugins=[AtomicCheckpointIO()], enable_progress_bar=progress_bar, enable_model_summary=False,
+        default_root_dir=run_dir, log_every_n_steps=tcfg.log_every_steps,
+    )
+    say(
+        f"run {run_dir} | model {model_cfg.name}: {task.model.num_parameters():,} parameters | "
+        f"data {data_dir.name}: {meta.n_train_tokens:,} train tokens | global batch {global_batch} x {tcfg.seq_len} tokens "
+        f"(micro {tcfg.micro_batch_size} x {tcfg.world_size} ranks x {accumulate} accumulation) | "
+        f"precision {resolve_precision(tcfg)}" + (f" | resuming from {ckpt_path}" if ckpt_path else "")
+    )
+    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if trainer.interrupted:
+        raise SystemExit(130)
+    if trainer.global_step < tcfg.max_steps:
+        raise RuntimeError(
+            f"training stopped at step {trainer.global_step} before trainer.max_steps={tcfg.max_steps} without an error; "
+            "the data loader ran dry: check the prepared data"
+        )
+    if trainer.is_global_zero:
+        summarize(task, metrics, prepared, model_cfg, tcfg, time.perf_counter() - started, run_dir)
+
+
+def summarize(task, metrics: StepMetrics, prepared, model_cfg: ModelConfig, tcfg: TrainerConfig, seconds: float, run_dir: Path) -> None:
+    val = [row for row in metrics.history if "val/loss" in row]
+    entropy = unigram_entropy(prepared.val, model_cfg.padded_vocab_size)
+    print(f"\ntrained to step {tcfg.max_steps} in {seconds:.0f} s; checkpoints in {run_dir / 'checkpoints'}")
+    if val:
+        last = val[-1]
+        print(
+            f"val loss {last['val/loss']:.4f} nats/token (ppl {last['val/ppl']:.2f}, {last['val/bpb']:.3f} bits/byte) "
+            f"vs unigram entropy of the val tokens {entropy:.4f} nats/token"
+        )
+    tokenizer = load_tokenizer(run_dir / "tokenizer" / TOKENIZER_FILE)
+    print("\n--- sample ---\n" + sample_text(task.model, tokenizer, tcfg.sample_prompt, tcfg.sample_tokens) + "\n--------------")
+
+
+def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, *, temperature: float = 0.8, top_k: int | None = 50,
+                top_p: float | None = None, seed: int = 0) -> str:
+    ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
+    device = next(model.parameters()).device
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    budget = min(max_new_tokens, model.cfg.max_seq_len - idx.shape[1])
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = model.generate(idx, budget, temperature=temperature, top_k=top_k, top_p=top_p,
+                         eos_id=tokenizer.eos_id, generator=generator)
+    new = out[0, len(ids):].tolist()
+    if tokenizer.eos_id in new:
+        new = new[: new.index(tokenizer.eos_id)]
+    return prompt + tokenizer.decode(new)
