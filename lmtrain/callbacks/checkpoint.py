@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from lmtrain.checkpoint.faults import maybe_kill
 from lmtrain.checkpoint.files import list_step_checkpoints
 
 
@@ -51,3 +52,4 @@ class StepCheckpoint(L.Callback):
                 old.unlink(missing_ok=True)
             rank_zero_info(f"checkpoint: {path}")
         trainer.strategy.barrier("lmtrain_checkpoint")
+        maybe_kill("kill_after_checkpoint", step)

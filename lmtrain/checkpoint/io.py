@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from lmtrain.checkpoint.faults import maybe_kill
+
 TMP_MARKER = ".tmp-"
 
 
@@ -20,7 +22,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+def save_atomic(obj: Any, path: str | os.PathLike, *, step: int | None = None) -> None:
     """torch.save to `path` so that a reader (or a kill at any moment) sees the old file or the new
     one, never a partial one. The temp file lives in the target directory: a rename is atomic only
     within one filesystem (Lightning's default goes through $TMPDIR and is not)."""
@@ -32,6 +34,8 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if step is not None:
+            maybe_kill("kill_during_checkpoint_write", step)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -53,4 +57,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
-        save_atomic(checkpoint, path)
+        save_atomic(checkpoint, path, step=checkpoint.get("global_step"))

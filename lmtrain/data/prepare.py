@@ -2,7 +2,8 @@
 
 A prepared dataset is a directory `<cache_dir>/<name>-<fingerprint[:12]>/` holding
 - `train.bin`, `val.bin`: every document's token ids followed by eos, documents back to back
-  in corpus order; flat little-endian uint16 (vocab_size <= 65536) or uint32, no header.
+  in corpus order; flat uint16 (vocab_size <= 65536) or uint32 in native byte order
+  (little-endian on x86 and ARM), no header.
 - `tokenizer.json` (+ `tokenizer_config.json`): the tokenizer, loadable by `load_tokenizer` and
   by transformers; its sha256 is meta.json's `tokenizer_hash`.
 - `meta.json`: `DatasetMeta`, written last.
@@ -238,39 +239,19 @@ def prepare_dataset(
 
 
 def _build(data: DataConfig, tokenizer_cfg: TokenizerConfig, fingerprint: str, out: Path, log) -> None:
+    """Write every file of the prepared dataset into `out`, meta.json last."""
     started = time.perf_counter()
     scratch = out / _SCRATCH_DIR
     log(f"prepare: loading {describe_source(data)}")
     documents = load_documents(data, scratch)
-    kept, n_bytes = _nonempty_documents(documents)
-    n_empty = len(documents) - len(kept)
-    if data.max_documents is not None:
-        kept = kept[: data.max_documents]
-    if len(kept) == 0:
-        raise ValueError(
-            f"the corpus {describe_source(data)} has no non-empty document ({len(documents)} read, all empty); "
-            "check data.paths / data.hub_name / data.text_column"
-        )
-    train_pos, val_pos = compute_split(len(kept), data.val_fraction, data.split_seed)
-    if len(train_pos) == 0 or len(val_pos) == 0:
-        empty = "train" if len(train_pos) == 0 else "val"
-        raise ValueError(
-            f"the {empty} split is empty: {len(kept)} document(s) with data.val_fraction={data.val_fraction} give "
-            f"{len(train_pos)} train and {len(val_pos)} val; split the text into more documents "
-            "(data.text_unit=paragraph or line) or change data.val_fraction"
-        )
-    log(f"prepare: {len(kept)} documents ({n_empty} empty dropped): {len(train_pos)} train, {len(val_pos)} val")
-    train_idx, val_idx = kept[train_pos], kept[val_pos]
+    train_idx, val_idx, n_bytes = _split_documents(documents, data, log)
     train_docs = documents.select(train_idx, keep_in_memory=True)
     val_docs = documents.select(val_idx, keep_in_memory=True)
 
     tokenizer = build_tokenizer(tokenizer_cfg, _bpe_training_texts(train_docs, n_bytes[train_idx], tokenizer_cfg, log))
     tokenizer.save(out)
     if tokenizer_cfg.kind == TokenizerKind.bpe and tokenizer.vocab_size < tokenizer_cfg.vocab_size:
-        log(
-            f"prepare: the corpus ran out of pairs to merge: vocab_size is {tokenizer.vocab_size}, "
-            f"not tokenizer.vocab_size={tokenizer_cfg.vocab_size} (meta.json has the real one)"
-        )
+        log(f"prepare: the corpus ran out of pairs to merge at vocab_size {tokenizer.vocab_size} (meta.json has it)")
     dtype = compute_token_dtype(tokenizer.vocab_size)
     num_proc = data.num_proc or os.cpu_count() or 1
     log(f"prepare: tokenizing with {num_proc} process(es), vocab {tokenizer.vocab_size}, writing {dtype}")
@@ -312,6 +293,31 @@ def _build(data: DataConfig, tokenizer_cfg: TokenizerConfig, fingerprint: str, o
         f"prepare: {meta.n_train_tokens} train + {meta.n_val_tokens} val tokens from {total_mb:.1f} MB "
         f"in {seconds:.1f} s ({total_mb / seconds:.2f} MB/s)"
     )
+
+
+def _split_documents(
+    documents: datasets.Dataset, data: DataConfig, log
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train row indices, val row indices, UTF-8 bytes of every row); blank rows dropped, max_documents applied."""
+    kept, n_bytes = _nonempty_documents(documents)
+    n_empty = len(documents) - len(kept)
+    if data.max_documents is not None:
+        kept = kept[: data.max_documents]
+    if len(kept) == 0:
+        raise ValueError(
+            f"the corpus {describe_source(data)} has no non-empty document ({len(documents)} read, all empty); "
+            "check data.paths / data.hub_name / data.text_column"
+        )
+    train_pos, val_pos = compute_split(len(kept), data.val_fraction, data.split_seed)
+    if len(train_pos) == 0 or len(val_pos) == 0:
+        empty = "train" if len(train_pos) == 0 else "val"
+        raise ValueError(
+            f"the {empty} split is empty: {len(kept)} document(s) with data.val_fraction={data.val_fraction} give "
+            f"{len(train_pos)} train and {len(val_pos)} val; split the text into more documents "
+            "(data.text_unit=paragraph or line) or change data.val_fraction"
+        )
+    log(f"prepare: {len(kept)} documents ({n_empty} empty dropped): {len(train_pos)} train, {len(val_pos)} val")
+    return kept[train_pos], kept[val_pos], n_bytes
 
 
 def _nonempty_documents(documents: datasets.Dataset) -> Tuple[np.ndarray, np.ndarray]:

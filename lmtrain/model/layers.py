@@ -69,9 +69,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
     The rotate-half pairing (GPT-NeoX, Hugging Face Llama) rather than interleaved pairs
     (original RoFormer/Meta code): equivalent up to a permutation of q/k rows, and it maps onto
-    Hugging Face Llama weights without one. Computed in float32, returned in x's dtype.
+    Hugging Face Llama weights without one. Computed in at least float32, returned in x's dtype.
     """
-    x_float = x.float()
+    x_float = x.to(torch.promote_types(x.dtype, torch.float32))
     first, second = x_float.chunk(2, dim=-1)
     rotated = torch.cat((-second, first), dim=-1)
     return (x_float * cos + rotated * sin).type_as(x)

@@ -80,8 +80,10 @@ class Transformer(nn.Module):
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         # Post-norm blocks already end in a norm; a final one would normalise twice.
-        final_norm = build_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
-        self.norm = final_norm if cfg.pre_norm else nn.Identity()
+        if cfg.pre_norm:
+            self.norm = build_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        else:
+            self.norm = nn.Identity()
         self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         if cfg.tied_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
@@ -107,9 +109,10 @@ class Transformer(nn.Module):
             nn.init.normal_(block.attn.out_proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.mlp.down.weight, mean=0.0, std=residual_std)
         if self.cfg.positional is Positional.sinusoidal:
-            device = self.sinusoidal_table.device
-            table = compute_sinusoidal_table(self.cfg.max_seq_len, self.cfg.d_model, device=device)
-            self.sinusoidal_table = table
+            # to_empty() leaves non-persistent buffers uninitialised; copy_ keeps dtype and device.
+            buffer = self.sinusoidal_table
+            table = compute_sinusoidal_table(self.cfg.max_seq_len, self.cfg.d_model, device=buffer.device)
+            buffer.copy_(table)
 
     def forward(self, idx: Tensor, *, start_pos: int = 0, kv_cache: Optional[KVCache] = None) -> Tensor:
         """idx (B, T) int64 token ids at positions start_pos .. start_pos + T - 1.
@@ -118,7 +121,7 @@ class Transformer(nn.Module):
         padding rows and should be ignored (generate masks them). With kv_cache, the keys and
         values of these positions are stored and earlier cached positions are attended to.
         """
-        batch, seq_len = idx.shape
+        seq_len = idx.shape[1]
         if start_pos + seq_len > self.cfg.max_seq_len:
             raise ValueError(
                 f"sequence length {start_pos + seq_len} (start_pos={start_pos} + {seq_len} tokens) "

@@ -260,3 +260,36 @@ def test_load_prepared_of_a_missing_dir_says_to_prepare(tmp_path):
         load_prepared(tmp_path / "wiki-0123456789ab")
     with pytest.raises(FileNotFoundError):
         load_prepared(Path(tmp_path / "wiki-0123456789ab"))
+
+
+def test_parquet_and_hub_sources_rename_the_text_column(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")  # keep ~/.cache clean
+    docs = _documents(20)
+    (tmp_path / "local_hub").mkdir()
+    pq.write_table(pa.table({"body": docs, "n": list(range(20))}), tmp_path / "local_hub" / "train.parquet")
+    parquet = _data(tmp_path, tmp_path / "local_hub" / "train.parquet", source=SourceKind.parquet, text_column="body")
+    # A hub name may be a local dataset directory: this runs the hub code path offline.
+    hub = _data(tmp_path, "unused", source=SourceKind.hub, paths=[], hub_name=str(tmp_path / "local_hub"),
+                text_column="body")
+    outputs = [load_prepared(prepare_dataset(data, BYTE, log=lambda _: None)) for data in (parquet, hub)]
+    for meta, train, val in outputs:
+        assert meta.n_train_docs + meta.n_val_docs == 20
+        assert meta.train_bytes + meta.val_bytes == sum(len(d.encode()) for d in docs)
+    assert np.array_equal(outputs[0].train, outputs[1].train)
+
+
+def test_unreachable_hub_dataset_is_named(tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no network here: fail fast, deterministically
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    data = _data(tmp_path, "unused", source=SourceKind.hub, hub_name="nobody/no-such-dataset", hub_config="x")
+    with pytest.raises(ValueError, match="could not load data.hub_name='nobody/no-such-dataset' data.hub_config='x'"):
+        prepare_dataset(data, BYTE, log=lambda _: None)

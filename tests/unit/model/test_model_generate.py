@@ -150,6 +150,8 @@ def test_too_long_generation_is_refused_with_numbers():
     with pytest.raises(ValueError, match=expected):
         model.generate(torch.zeros(1, 20, dtype=torch.long), 5)
     assert model.generate(torch.zeros(1, 20, dtype=torch.long), 4, temperature=0.0).shape == (1, 24)
+    with pytest.raises(ValueError, match="prompt of 30 tokens exceeds model.max_seq_len=24"):
+        model.generate(torch.zeros(1, 30, dtype=torch.long), -6)  # a budget computed as max_seq_len - prompt
 
 
 @pytest.mark.parametrize(
