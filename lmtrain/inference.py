@@ -55,7 +55,7 @@ def load_run_tokenizer(ckpt_path: str | Path, record: dict) -> Tokenizer:
                     f"tokenizer {path} (sha256 {digest[:12]}) is not the one checkpoint {ckpt_path} was trained with "
                     f"({record['tokenizer_hash'][:12]})"
                 )
-            return load_tokenizer(path)
+            return load_tokenizer(path, eos_token=record.get("eos_token"))
     raise CheckpointError(
         f"no tokenizer for checkpoint {ckpt_path}: looked for {', '.join(str(p) for p in candidates)}"
     )

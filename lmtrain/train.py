@@ -115,7 +115,9 @@ def write_run_files(run_dir: Path, record: dict, data_dir: Path) -> None:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
     tokenizer_dir = run_dir / "tokenizer"
     tokenizer_dir.mkdir(exist_ok=True)
-    (tokenizer_dir / TOKENIZER_FILE).write_bytes((data_dir / TOKENIZER_FILE).read_bytes())
+    for name in (TOKENIZER_FILE, "tokenizer_config.json"):  # the config names the eos token
+        if (data_dir / name).is_file():
+            (tokenizer_dir / name).write_bytes((data_dir / name).read_bytes())
 
 
 def run(cfg: TrainConfig, record: dict, run_dir: Path) -> None:
@@ -135,6 +137,7 @@ def run(cfg: TrainConfig, record: dict, run_dir: Path) -> None:
         "config": record,
         "model_config": {f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(model_cfg)},
         "tokenizer_hash": meta.tokenizer_hash,
+        "eos_token": meta.eos_token,
         "data_dir": str(data_dir),
     }
     ckpt_record["model_config"] = {k: (v.value if hasattr(v, "value") else v) for k, v in ckpt_record["model_config"].items()}
@@ -203,7 +206,7 @@ def summarize(task, metrics: StepMetrics, prepared, model_cfg: ModelConfig, tcfg
             f"val loss {last['val/loss']:.4f} nats/token (ppl {last['val/ppl']:.2f}, {last['val/bpb']:.3f} bits/byte) "
             f"vs unigram entropy of the val tokens {entropy:.4f} nats/token"
         )
-    tokenizer = load_tokenizer(run_dir / "tokenizer" / TOKENIZER_FILE)
+    tokenizer = load_tokenizer(run_dir / "tokenizer" / TOKENIZER_FILE, eos_token=task.record["eos_token"])
     print("\n--- sample ---\n" + sample_text(task.model, tokenizer, tcfg.sample_prompt, tcfg.sample_tokens) + "\n--------------")
 
 

@@ -68,7 +68,7 @@ class CausalLMTask(L.LightningModule):
         self._loss_sum += detached
         self._loss_count += 1
         bad = ~torch.isfinite(detached) & (self._first_bad_step < 0)
-        self._first_bad_step.copy_(torch.where(bad, torch.tensor(self.global_step, device=self.device), self._first_bad_step))
+        self._first_bad_step.copy_(torch.where(bad, torch.tensor(self.global_step + 1, device=self.device), self._first_bad_step))
         return loss
 
     def pop_train_loss(self) -> float:
