@@ -266,10 +266,12 @@ def print_report(results: list[CaseResult]) -> None:
 
 def quiet_lightning() -> None:
     """Keep the output to the measurements: Lightning's banner, StepMetrics' lines (still formatted
-    on logging steps, as in a real run) and its advice about loader workers (both sides use none)."""
+    on logging steps, as in a real run), its advice about loader workers (both sides use none) and
+    a deprecation inside Lightning's own pytree use (lightning 2.6 with torch >= 2.10)."""
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
 
 
 def parse_args() -> argparse.Namespace:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmtrain.checkpoint.faults import maybe_crash
 from lmtrain.model import ModelConfig, build_model
 from lmtrain.optim import OptimConfig, ScheduleConfig, build_optimizer, build_scheduler
 
@@ -57,6 +58,7 @@ class CausalLMTask(L.LightningModule):
 
     # -- training ----------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        maybe_crash(self.global_rank, self.global_step)
         seed = step_seed(self.seed, self.global_step, batch_idx % self.accumulate, self.global_rank)
         torch.manual_seed(seed)
         random.seed(seed)
@@ -72,8 +74,9 @@ class CausalLMTask(L.LightningModule):
         return loss
 
     def pop_train_loss(self) -> float:
-        """Mean micro-batch loss since the last call (a host sync)."""
-        loss = (self._loss_sum / self._loss_count.clamp(min=1)).item()
+        """Mean micro-batch loss since the last call, over all ranks (a collective and a host sync)."""
+        mean = self._loss_sum / self._loss_count.clamp(min=1)
+        loss = self.trainer.strategy.reduce(mean, reduce_op="mean").item()
         self._loss_sum.zero_()
         self._loss_count.zero_()
         return loss

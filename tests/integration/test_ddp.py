@@ -1,0 +1,109 @@
+"""DDP over gloo with real processes: the same optimization as one rank, exact resume after a
+SIGKILL, resharding 2 ranks -> 1, two "nodes" on localhost, and no hang when a rank crashes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CHILD_ENV, REPO, TINY_TRAIN, losses_by_step, run_cli
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+COMMON = ["trainer.max_steps=12", "trainer.val_every_steps=6", "trainer.ckpt_every_steps=6", "trainer.accelerator=cpu",
+          "trainer.global_batch_size=4", "model.dropout=0.0"]
+ONE_RANK = ["trainer.devices=1", "trainer.micro_batch_size=4"]
+TWO_RANKS = ["trainer.devices=2", "trainer.micro_batch_size=2"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def weights(run_dir: Path, name: str = "last.ckpt") -> dict:
+    return torch.load(run_dir / "checkpoints" / name, weights_only=True)["state_dict"]
+
+
+def assert_same_weights(a: dict, b: dict, exact: bool) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.fixture(scope="module")
+def runs(prepared, tmp_path_factory) -> dict[str, Path]:
+    cwd = tmp_path_factory.mktemp("ddp")
+    run_cli(["train", *prepared, *TINY_TRAIN, *COMMON, *ONE_RANK, "run_name=one"], cwd=cwd)
+    run_cli(["train", *prepared, *TINY_TRAIN, *COMMON, *TWO_RANKS, "run_name=two"], cwd=cwd)
+    return {"cwd": cwd, "one": cwd / "runs" / "one", "two": cwd / "runs" / "two"}
+
+
+def test_two_ranks_of_b_equal_one_rank_of_2b(runs):
+    one, two = losses_by_step(runs["one"]), losses_by_step(runs["two"])
+    assert sorted(one) == sorted(two) == list(range(1, 13))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5), step
+    assert_same_weights(weights(runs["one"]), weights(runs["two"]), exact=False)
+    # Only rank 0 writes: one run dir, one metrics file, no per-rank dirs.
+    assert sorted(p.name for p in runs["cwd"].joinpath("runs").iterdir()) == ["one", "two"]
+
+
+def test_sigkill_and_resume_on_two_ranks_is_bitwise_exact(prepared, runs, tmp_path):
+    args = ["train", *prepared, *TINY_TRAIN, *COMMON, *TWO_RANKS, "run_name=job"]
+    killed = run_cli(args, cwd=tmp_path, env={"LMTRAIN_FAULT": "kill_after_checkpoint:6"}, check=False, timeout=120)
+    assert killed.returncode != 0
+    run_dir = tmp_path / "runs" / "job"
+    assert max(losses_by_step(run_dir)) == 6
+    run_cli(args, cwd=tmp_path, timeout=180)
+    assert [losses_by_step(run_dir)[s] for s in range(1, 13)] == [losses_by_step(runs["two"])[s] for s in range(1, 13)]
+    assert_same_weights(weights(runs["two"]), weights(run_dir), exact=True)
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank_at_the_same_sample(prepared, runs, tmp_path):
+    ckpt = runs["two"] / "checkpoints" / "step-00000006.ckpt"
+    assert ckpt.exists()
+    run_cli(["train", *prepared, *TINY_TRAIN, *COMMON, *ONE_RANK, f"resume={ckpt}", "run_name=resharded"], cwd=tmp_path)
+    got, expected = losses_by_step(tmp_path / "runs" / "resharded"), losses_by_step(runs["one"])
+    assert sorted(got) == list(range(7, 13))
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+    assert_same_weights(weights(runs["one"]), weights(tmp_path / "runs" / "resharded"), exact=False)
+
+
+def test_two_nodes_on_localhost(prepared, runs, tmp_path):
+    port = str(free_port())
+    env = {**os.environ, **CHILD_ENV}
+    procs = [
+        subprocess.Popen([str(REPO / "launch" / "multinode.sh"), "--nodes", "2", "--node-rank", str(rank), "--master",
+                          "127.0.0.1", "--port", port, "--run-name", "nodes", "--", sys.executable, "-m", "lmtrain", "train",
+                          *prepared, *TINY_TRAIN, *COMMON, "trainer.devices=1", "trainer.micro_batch_size=2"],
+                         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)
+    ]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    got, expected = losses_by_step(tmp_path / "runs" / "nodes"), losses_by_step(runs["two"])
+    assert [got[s] for s in range(1, 13)] == pytest.approx([expected[s] for s in range(1, 13)], rel=1e-6)
+    assert "2 ranks" in outs[0]
+
+
+def test_a_crashed_rank_ends_the_job_nonzero_without_hanging(prepared, tmp_path):
+    start = time.monotonic()
+    proc = run_cli(["train", *prepared, *TINY_TRAIN, *COMMON, *TWO_RANKS, "run_name=crash",
+                    "strategy.timeout_s=600"], cwd=tmp_path, env={"LMTRAIN_FAULT": "crash:1:3"}, check=False, timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert elapsed < 60, f"took {elapsed:.0f} s"
+    assert "injected crash of rank 1 at step 3" in proc.stdout + proc.stderr
