@@ -176,13 +176,15 @@ class SegmentTimer(L.Callback):
 def build_trainer(case: BenchCase, task: CausalLMTask, tcfg: TrainerConfig, run_dir: Path, timer: SegmentTimer) -> L.Trainer:
     """`lmtrain.train.run`'s Trainer, for one device, with validation and saves beyond max_steps."""
     beyond = tcfg.max_steps + 1
+    strategy = build_strategy(StrategyConfig(), world_size=1, devices_per_node=1, micro_batch_size=case.micro_batch_size,
+                              grad_clip=tcfg.grad_clip, on_cpu=tcfg.accelerator == "cpu")
     metrics = StepMetrics(
         log_every_steps=tcfg.log_every_steps, max_steps=tcfg.max_steps, tokens_per_step=case.tokens_per_step,
         flops_per_token=task.model.flops_per_token(case.seq_len), peak_flops_per_device=peak_flops(tcfg),
         tokens_per_byte=1.0, print_lines=True,
     )
     return L.Trainer(
-        accelerator=tcfg.accelerator, devices=1, num_nodes=1, strategy=build_strategy(StrategyConfig(), world_size=1),
+        accelerator=tcfg.accelerator, devices=1, num_nodes=1, strategy=strategy,
         precision=resolve_precision(tcfg), max_steps=tcfg.max_steps, max_epochs=-1, accumulate_grad_batches=1,
         val_check_interval=beyond, check_val_every_n_epoch=None, num_sanity_val_steps=0,
         use_distributed_sampler=False, logger=build_loggers(LoggerConfig(), run_dir), enable_checkpointing=False,
@@ -245,7 +247,8 @@ def check_same_init(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 
 def max_param_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    return max((x.detach().float() - y.detach().float()).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
+    """Both on the CPU: Lightning moves its model back there when fit ends."""
+    return max((x.detach().cpu().float() - y.detach().cpu().float()).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
 
 
 # -- report --------------------------------------------------------------------------------------

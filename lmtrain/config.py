@@ -117,6 +117,9 @@ class TrainConfig:
     seed: int = 1337
     resume: str = "auto"
     """auto: continue from the newest valid checkpoint of this run, if any; never; or a checkpoint path."""
+    init_from: Optional[str] = None
+    """Start from these weights (any strategy's checkpoint) with a fresh optimizer at step 0; ignored
+    when the run resumes from its own checkpoint."""
 
     def __post_init__(self) -> None:
         if self.trainer.seq_len > self.model.max_seq_len:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from lmtrain.checkpoint import CheckpointError, load_checkpoint_file
+from lmtrain.checkpoint import CheckpointError, load_record, load_weights
 from lmtrain.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from lmtrain.model.config import MLPKind, ModelConfig, Norm, Positional
 from lmtrain.model.transformer import Transformer
@@ -30,11 +30,13 @@ def resolve_device(device: str) -> torch.device:
 
 def load_model(ckpt_path: str | Path, device: str = "auto") -> tuple[Transformer, dict]:
     """The plain model of a checkpoint (weights only, eval mode) and the checkpoint's lmtrain record."""
-    ckpt = load_checkpoint_file(ckpt_path, mmap=True)
-    record = ckpt["lmtrain"]
+    record = load_record(Path(ckpt_path))["lmtrain"]
     model_cfg = model_config_from_record(record["model_config"])
     model = Transformer(model_cfg)  # no init_weights(): every weight comes from the checkpoint
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    weights = load_weights(Path(ckpt_path))
+    state = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
+    if model_cfg.tied_embeddings:  # sharded layouts store a tied tensor once
+        state.setdefault("lm_head.weight", state.get("tok_embeddings.weight"))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

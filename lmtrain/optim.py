@@ -92,11 +92,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
 
 class LRMultiplier:
-    """lr(step) / peak lr, stepped once per optimizer step.
-
-    A callable object rather than a closure: LambdaLR saves its __dict__ (plain numbers and a
-    string), which keeps checkpoints loadable with torch.load(weights_only=True).
-    """
+    """lr(step) / peak lr, stepped once per optimizer step."""
 
     def __init__(self, cfg: ScheduleConfig, max_steps: int) -> None:
         self.kind = cfg.kind.value
@@ -126,4 +122,8 @@ class LRMultiplier:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRMultiplier(cfg, max_steps))
+    multiplier = LRMultiplier(cfg, max_steps)
+    # Wrapped in a plain function so LambdaLR does not save (and on resume restore) the
+    # multiplier's settings: the schedule always follows the current config, so a resumed run
+    # with a larger trainer.max_steps re-plans its decay instead of staying on the old one.
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: multiplier(step))

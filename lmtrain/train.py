@@ -20,7 +20,17 @@ import yaml
 from lmtrain import __version__
 from lmtrain.callbacks.checkpoint import StepCheckpoint
 from lmtrain.callbacks.step_metrics import StepMetrics
-from lmtrain.checkpoint import AtomicCheckpointIO, CheckpointError, find_resume_checkpoint, load_checkpoint_file, shape_mismatches
+from lmtrain.checkpoint import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    Layout,
+    check_compatible,
+    expected_shapes,
+    find_resume_checkpoint,
+    list_step_checkpoints,
+    load_weights,
+    shape_mismatches,
+)
 from lmtrain.checkpoint.io import remove_stale_temp_files
 from lmtrain.config import TrainConfig, TrainerConfig
 from lmtrain.data.datamodule import LMDataModule
@@ -28,7 +38,10 @@ from lmtrain.data.prepare import DatasetMeta, load_prepared, prepared_dir
 from lmtrain.data.tokenizers import TOKENIZER_FILE, load_tokenizer
 from lmtrain.distributed.parallelize import apply_activation_checkpointing, apply_compile
 from lmtrain.distributed.rank import is_rank_zero, say
-from lmtrain.distributed.strategy import build_strategy
+from lmtrain.distributed.config import ShardingKind, StrategyKind
+from lmtrain.distributed.fsdp import apply_fsdp, build_fsdp_mesh
+from lmtrain.distributed.strategy import build_strategy, resolve_kind
+from lmtrain.inference import load_model
 from lmtrain.loggers import build_loggers
 from lmtrain.model.config import ModelConfig
 from lmtrain.tasks.causal_lm import CausalLMTask
@@ -85,11 +98,19 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def choose_checkpoint(cfg: TrainConfig, ckpt_dir: Path, task: CausalLMTask) -> Path | None:
-    expected = task.state_dict()
+def strategy_layout(kind: StrategyKind) -> Layout:
+    if kind is StrategyKind.fsdp:
+        return Layout.dcp
+    if kind.name.startswith("deepspeed"):
+        return Layout.deepspeed
+    return Layout.file
+
+
+def choose_checkpoint(cfg: TrainConfig, ckpt_dir: Path, task: CausalLMTask, layout: Layout) -> Path | None:
+    world_size = cfg.trainer.world_size
     match cfg.resume:
         case "never":
-            if any(ckpt_dir.glob("step-*.ckpt")):
+            if list_step_checkpoints(ckpt_dir):
                 raise ValueError(
                     f"resume=never but {ckpt_dir} already holds checkpoints; choose a new run_name, or resume=auto"
                 )
@@ -98,14 +119,20 @@ def choose_checkpoint(cfg: TrainConfig, ckpt_dir: Path, task: CausalLMTask) -> P
             removed = remove_stale_temp_files(ckpt_dir) if is_rank_zero() else []
             for path in removed:
                 say(f"removed {path.name}: left by a checkpoint write that was interrupted")
-            return find_resume_checkpoint(ckpt_dir, expected)
+            return find_resume_checkpoint(ckpt_dir, task, layout=layout, world_size=world_size)
         case path:
-            ckpt = load_checkpoint_file(path)
-            if problems := shape_mismatches(ckpt["state_dict"], expected):
-                raise CheckpointError(
-                    f"checkpoint {path} was saved from another model shape:\n  " + "\n  ".join(problems[:20])
-                )
+            check_compatible(Path(path), task, layout=layout, world_size=world_size)
             return Path(path)
+
+
+def init_weights_from(task: CausalLMTask, path: str) -> None:
+    """Weights only (any layout), into a run that starts at step 0 with a fresh optimizer."""
+    weights = load_weights(Path(path))
+    shapes, aliases = expected_shapes(task)
+    if problems := shape_mismatches(weights, shapes, aliases):
+        raise CheckpointError(f"init_from={path} does not fit this model:\n  " + "\n  ".join(problems[:20]))
+    task.load_state_dict(weights, strict=False)
+    say(f"initialised weights from {path}")
 
 
 def write_run_files(run_dir: Path, record: dict, data_dir: Path) -> None:
@@ -139,6 +166,8 @@ def run(cfg: TrainConfig, record: dict, run_dir: Path) -> None:
         "tokenizer_hash": meta.tokenizer_hash,
         "eos_token": meta.eos_token,
         "data_dir": str(data_dir),
+        "strategy": resolve_kind(cfg.strategy, tcfg.world_size).name,
+        "world_size": tcfg.world_size,
     }
     ckpt_record["model_config"] = {k: (v.value if hasattr(v, "value") else v) for k, v in ckpt_record["model_config"].items()}
 
@@ -148,7 +177,10 @@ def run(cfg: TrainConfig, record: dict, run_dir: Path) -> None:
         max_steps=tcfg.max_steps, seed=cfg.seed, grad_clip=tcfg.grad_clip, accumulate=accumulate, record=ckpt_record,
     )
     ckpt_dir = run_dir / "checkpoints"
-    ckpt_path = choose_checkpoint(cfg, ckpt_dir, task)
+    kind = resolve_kind(cfg.strategy, tcfg.world_size)
+    ckpt_path = choose_checkpoint(cfg, ckpt_dir, task, strategy_layout(kind))
+    if cfg.init_from and ckpt_path is None:
+        init_weights_from(task, cfg.init_from)
     if tcfg.activation_checkpointing:
         apply_activation_checkpointing(task.model)
     if tcfg.compile:
@@ -159,6 +191,12 @@ def run(cfg: TrainConfig, record: dict, run_dir: Path) -> None:
         seq_len=tcfg.seq_len, micro_batch_size=tcfg.micro_batch_size, global_batch_size=global_batch,
         seed=cfg.seed, val_batches=tcfg.val_batches, num_workers=tcfg.num_workers,
     )
+    on_cpu = tcfg.accelerator == "cpu" or (tcfg.accelerator == "auto" and not torch.cuda.is_available())
+    strategy = build_strategy(cfg.strategy, world_size=tcfg.world_size, devices_per_node=tcfg.devices,
+                              micro_batch_size=tcfg.micro_batch_size, grad_clip=tcfg.grad_clip, on_cpu=on_cpu)
+    precision = resolve_precision(tcfg)
+    if kind is StrategyKind.fsdp:
+        precision = setup_fsdp(task, cfg.strategy, tcfg, precision, on_cpu)
     write_run_files(run_dir, record, data_dir)
     tokens_per_step = global_batch * tcfg.seq_len
     progress_bar = sys.stdout.isatty() if tcfg.progress_bar is None else tcfg.progress_bar
@@ -169,7 +207,7 @@ def run(cfg: TrainConfig, record: dict, run_dir: Path) -> None:
     )
     trainer = L.Trainer(
         accelerator=tcfg.accelerator, devices=tcfg.devices, num_nodes=tcfg.num_nodes,
-        strategy=build_strategy(cfg.strategy, world_size=tcfg.world_size), precision=resolve_precision(tcfg),
+        strategy=strategy, precision=precision,
         max_steps=tcfg.max_steps, max_epochs=-1, accumulate_grad_batches=accumulate,
         val_check_interval=tcfg.val_every_steps * accumulate, check_val_every_n_epoch=None, num_sanity_val_steps=0,
         use_distributed_sampler=False,  # our sampler deals disjoint, resumable slices itself
@@ -182,7 +220,8 @@ def run(cfg: TrainConfig, record: dict, run_dir: Path) -> None:
         f"run {run_dir} | model {model_cfg.name}: {task.model.num_parameters():,} parameters | "
         f"data {data_dir.name}: {meta.n_train_tokens:,} train tokens | global batch {global_batch} x {tcfg.seq_len} tokens "
         f"(micro {tcfg.micro_batch_size} x {tcfg.world_size} ranks x {accumulate} accumulation) | "
-        f"precision {resolve_precision(tcfg)}" + (f" | resuming from {ckpt_path}" if ckpt_path else "")
+        f"strategy {kind.name} | precision {precision}"
+        + (f" | resuming from {ckpt_path}" if ckpt_path else "")
     )
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if trainer.interrupted:
@@ -196,6 +235,20 @@ def run(cfg: TrainConfig, record: dict, run_dir: Path) -> None:
         summarize(task, metrics, prepared, model_cfg, tcfg, time.perf_counter() - started, run_dir)
 
 
+def setup_fsdp(task: CausalLMTask, scfg, tcfg: TrainerConfig, precision: str, on_cpu: bool) -> str:
+    """FSDP2 does mixed precision itself (bf16 all-gathers and compute, fp32 master weights and
+    reductions), so Lightning runs "32-true" and the policy carries the bf16."""
+    param_dtype = torch.bfloat16 if precision.startswith("bf16") else None
+
+    def parallelize(model, trainer) -> None:
+        mesh = build_fsdp_mesh(device_type="cpu" if on_cpu else "cuda", world_size=trainer.world_size,
+                               devices_per_node=tcfg.devices, hybrid=scfg.sharding is ShardingKind.hybrid)
+        apply_fsdp(model, mesh, param_dtype=param_dtype, reshard_after_forward=scfg.reshard_after_forward)
+
+    task.parallelize = parallelize
+    return "32-true"
+
+
 def summarize(task, metrics: StepMetrics, prepared, model_cfg: ModelConfig, tcfg: TrainerConfig, seconds: float, run_dir: Path) -> None:
     val = [row for row in metrics.history if "val/loss" in row]
     entropy = unigram_entropy(prepared.val, model_cfg.padded_vocab_size)
@@ -207,7 +260,10 @@ def summarize(task, metrics: StepMetrics, prepared, model_cfg: ModelConfig, tcfg
             f"vs unigram entropy of the val tokens {entropy:.4f} nats/token"
         )
     tokenizer = load_tokenizer(run_dir / "tokenizer" / TOKENIZER_FILE, eos_token=task.record["eos_token"])
-    print("\n--- sample ---\n" + sample_text(task.model, tokenizer, tcfg.sample_prompt, tcfg.sample_tokens) + "\n--------------")
+    # From the final checkpoint rather than the live model: under ZeRO-3 or FSDP rank 0 holds
+    # only a shard, and this also proves the checkpoint loads for `lmtrain generate`.
+    model, _ = load_model(run_dir / "checkpoints" / "last.ckpt", "cpu")
+    print("\n--- sample ---\n" + sample_text(model, tokenizer, tcfg.sample_prompt, tcfg.sample_tokens) + "\n--------------")
 
 
 def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, *, temperature: float = 0.8, top_k: int | None = 50,

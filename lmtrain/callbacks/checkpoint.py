@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -10,6 +11,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lmtrain.checkpoint.faults import maybe_kill
 from lmtrain.checkpoint.files import list_step_checkpoints
+from lmtrain.checkpoint.io import TMP_MARKER, fsync_dir
 
 
 def step_checkpoint_name(step: int) -> str:
@@ -44,12 +46,44 @@ class StepCheckpoint(L.Callback):
     def save(self, trainer: L.Trainer) -> None:
         step = trainer.global_step
         path = self.directory / step_checkpoint_name(step)
-        trainer.save_checkpoint(path, weights_only=False)  # every rank takes part; the strategy writes on rank 0
+        if writes_directories(trainer.strategy):
+            save_directory_atomically(trainer, path, step)
+        else:
+            trainer.save_checkpoint(path, weights_only=False)  # every rank takes part; the strategy writes on rank 0
         self.last_saved_step = step
         if trainer.is_global_zero:
             point_last_at(self.directory, path)
             for _, old in list_step_checkpoints(self.directory)[self.keep_last :]:
-                old.unlink(missing_ok=True)
+                remove_path(old)
             rank_zero_info(f"checkpoint: {path}")
         trainer.strategy.barrier("lmtrain_checkpoint")
         maybe_kill("kill_after_checkpoint", step)
+
+
+def writes_directories(strategy) -> bool:
+    """DeepSpeed and FSDP2 (distributed checkpoint) write one directory of per-rank shards."""
+    return type(strategy).__name__.endswith(("DeepSpeedStrategy", "ModelParallelStrategy"))
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def save_directory_atomically(trainer: L.Trainer, path: Path, step: int) -> None:
+    """Sharded writers fill a directory in place; write it under a temp name (the same on every
+    rank), then rank 0 renames it once every shard is down."""
+    tmp = path.with_name(f"{path.name}{TMP_MARKER}{step}")
+    trainer.save_checkpoint(tmp, weights_only=False)
+    trainer.strategy.barrier("lmtrain_checkpoint_shards")
+    if trainer.is_global_zero:
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        maybe_kill("kill_during_checkpoint_write", step)
+        remove_path(path)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)

@@ -51,8 +51,8 @@ class StepMetrics(L.Callback):
             "perf/tokens_per_s": tokens_per_s,
             "data/tokens_seen": float(step * self.tokens_per_step),
         }
-        if pl_module.grad_norm is not None:
-            metrics["opt/grad_norm"] = pl_module.grad_norm.item()
+        if (grad_norm := pl_module.current_grad_norm()) is not None:
+            metrics["opt/grad_norm"] = grad_norm
         if self.peak_flops_per_device:
             metrics["perf/mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops_per_device * trainer.world_size)
         self._t0, self._step0 = now, step

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 from typing import Mapping
 
 import torch
-
-log = logging.getLogger(__name__)
 
 STEP_FILE = re.compile(r"^step-(\d+)\.ckpt$")
 
@@ -42,14 +39,20 @@ def load_checkpoint_file(path: str | Path, *, mmap: bool = True) -> dict:
     return ckpt
 
 
-def shape_mismatches(saved: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list[str]:
-    """Human-readable differences between a checkpoint's state dict and a model's."""
+def shape_of(value) -> tuple[int, ...]:
+    return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
+
+
+def shape_mismatches(saved: Mapping, expected: Mapping, aliases: frozenset[str] = frozenset()) -> list[str]:
+    """Human-readable differences between a checkpoint's tensors (or shapes) and a model's.
+    `aliases` are tied names (lm_head.weight = tok_embeddings.weight) that sharded layouts store once."""
     problems = []
-    for name, tensor in expected.items():
+    for name, value in expected.items():
         if name not in saved:
-            problems.append(f"{name}: missing from the checkpoint")
-        elif tuple(saved[name].shape) != tuple(tensor.shape):
-            problems.append(f"{name}: checkpoint {tuple(saved[name].shape)} vs model {tuple(tensor.shape)}")
+            if name not in aliases:
+                problems.append(f"{name}: missing from the checkpoint")
+        elif shape_of(saved[name]) != shape_of(value):
+            problems.append(f"{name}: checkpoint {shape_of(saved[name])} vs model {shape_of(value)}")
     problems += [f"{name}: in the checkpoint but not in the model" for name in saved if name not in expected]
     return problems
 
@@ -60,26 +63,3 @@ def list_step_checkpoints(directory: Path) -> list[tuple[int, Path]]:
         return []
     found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_FILE.match(p.name))]
     return sorted(found, reverse=True)
-
-
-def find_resume_checkpoint(directory: Path, expected_state: Mapping[str, torch.Tensor]) -> Path | None:
-    """The newest checkpoint in `directory` that loads; unreadable ones are named and skipped.
-
-    A readable checkpoint of another model shape is not skipped: it means the config changed
-    under an existing run, which the user must resolve, so it raises with the mismatching tensors.
-    """
-    for step, path in list_step_checkpoints(directory):
-        try:
-            ckpt = load_checkpoint_file(path)
-        except CheckpointError as e:
-            log.warning("skipping %s; falling back to an older checkpoint", e)
-            continue
-        problems = shape_mismatches(ckpt["state_dict"], expected_state)
-        if problems:
-            raise CheckpointError(
-                f"checkpoint {path} (step {step}) was saved from another model shape than this run's config:\n  "
-                + "\n  ".join(problems[:20])
-                + "\nresume with the run's original model config, or start a new run_name"
-            )
-        return path
-    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,10 @@ def remove_stale_temp_files(directory: Path) -> list[Path]:
     removed = []
     if directory.is_dir():
         for p in directory.glob(f"*{TMP_MARKER}*"):
-            p.unlink(missing_ok=True)
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
             removed.append(p)
     return removed
 

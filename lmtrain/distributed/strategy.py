@@ -4,15 +4,21 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 
-from lmtrain.distributed.config import StrategyConfig, StrategyKind
+from lmtrain.distributed.config import ShardingKind, StrategyConfig, StrategyKind
+from lmtrain.distributed.deepspeed import build_deepspeed_strategy
 
 
-def build_strategy(cfg: StrategyConfig, *, world_size: int) -> Strategy | str:
-    kind = cfg.kind
-    if kind is StrategyKind.auto:
-        kind = StrategyKind.ddp if world_size > 1 else StrategyKind.single
+def resolve_kind(cfg: StrategyConfig, world_size: int) -> StrategyKind:
+    if cfg.kind is StrategyKind.auto:
+        return StrategyKind.ddp if world_size > 1 else StrategyKind.single
+    return cfg.kind
+
+
+def build_strategy(cfg: StrategyConfig, *, world_size: int, devices_per_node: int, micro_batch_size: int,
+                   grad_clip: float, on_cpu: bool) -> Strategy | str:
+    kind = resolve_kind(cfg, world_size)
     match kind:
         case StrategyKind.single:
             if world_size > 1:
@@ -22,8 +28,13 @@ def build_strategy(cfg: StrategyConfig, *, world_size: int) -> Strategy | str:
                 )
             return "auto"  # Lightning picks the single device of the chosen accelerator
         case StrategyKind.ddp:
-            return DDPStrategy(
-                find_unused_parameters=cfg.find_unused_parameters,
-                timeout=timedelta(seconds=cfg.timeout_s),
-            )
+            return DDPStrategy(find_unused_parameters=cfg.find_unused_parameters, timeout=timedelta(seconds=cfg.timeout_s))
+        case StrategyKind.deepspeed_zero1 | StrategyKind.deepspeed_zero2 | StrategyKind.deepspeed_zero3 | StrategyKind.deepspeed_zero3_offload:
+            return build_deepspeed_strategy(cfg, micro_batch_size=micro_batch_size, grad_clip=grad_clip, on_cpu=on_cpu)
+        case StrategyKind.fsdp:
+            # FSDP2 (fully_shard per block, applied by CausalLMTask.configure_model through
+            # lmtrain.distributed.fsdp). Hybrid: shard inside a node, replicate across nodes.
+            replicas = world_size // devices_per_node if cfg.sharding is ShardingKind.hybrid else 1
+            return ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1,
+                                         save_distributed_checkpoint=True, timeout=timedelta(seconds=cfg.timeout_s))
     raise ValueError(f"strategy.kind={cfg.kind} is not supported; choose one of {[k.name for k in StrategyKind]}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Callable
 
 import lightning as L
 import numpy as np
@@ -47,6 +48,14 @@ class CausalLMTask(L.LightningModule):
         self.register_buffer("_val_tokens", torch.zeros((), dtype=torch.float64), persistent=False)
         self.grad_norm: torch.Tensor | None = None
         self.last_val: dict[str, float] = {}
+        # Sharding (FSDP2) applied from outside once processes exist: fn(model, trainer).
+        self.parallelize: Callable[[torch.nn.Module, L.Trainer], None] | None = None
+        self._parallelized = False
+
+    def configure_model(self) -> None:
+        if self.parallelize is not None and not self._parallelized:
+            self.parallelize(self.model, self.trainer)
+            self._parallelized = True
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -92,8 +101,18 @@ class CausalLMTask(L.LightningModule):
             )
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if uses_deepspeed(self.trainer):
+            return  # DeepSpeed clips inside its engine (gradient_clipping in its config)
         max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
-        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
+        self.grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
+
+    def current_grad_norm(self) -> float | None:
+        """The last optimizer step's global gradient norm (a host sync)."""
+        if uses_deepspeed(self.trainer):
+            norm = self.trainer.strategy.deepspeed_engine.get_global_grad_norm()
+            return None if norm is None else float(norm)
+        return None if self.grad_norm is None else self.grad_norm.item()
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.optim_cfg)
@@ -122,6 +141,16 @@ class CausalLMTask(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         restore_rng_state(checkpoint.get("lmtrain", {}).get("rng"), self.global_rank)
+        # The peak lr follows the current config on resume, like the schedule's shape does.
+        for sched in checkpoint.get("lr_schedulers", []):
+            sched["base_lrs"] = [self.optim_cfg.lr] * len(sched.get("base_lrs", []))
+        for opt in checkpoint.get("optimizer_states", []):
+            for group in opt.get("param_groups", []):
+                group["initial_lr"] = self.optim_cfg.lr
+
+
+def uses_deepspeed(trainer: L.Trainer) -> bool:
+    return type(trainer.strategy).__name__.endswith("DeepSpeedStrategy")
 
 
 def gather_rng_states(trainer: L.Trainer) -> dict:

@@ -3,8 +3,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmtrain.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint_file, shape_mismatches
+from torch import nn
+
+from lmtrain.checkpoint import CheckpointError, Layout, find_resume_checkpoint, load_checkpoint_file, shape_mismatches
 from lmtrain.checkpoint.io import save_atomic
+
+
+class W(nn.Module):
+    def __init__(self, rows: int = 2) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(rows, 3))
 
 
 def good(step: int) -> dict:
@@ -45,7 +53,7 @@ def test_resume_picks_newest_valid_and_skips_broken(tmp_path, caplog):
         save_atomic(good(step), tmp_path / f"step-{step:08d}.ckpt")
     (tmp_path / "step-00000006.ckpt").write_bytes(b"")
     (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"stray")  # a stray file must not break anything
-    found = find_resume_checkpoint(tmp_path, {"w": torch.zeros(2, 3)})
+    found = find_resume_checkpoint(tmp_path, W(), layout=Layout.file, world_size=1)
     assert found.name == "step-00000004.ckpt"
     assert "step-00000006.ckpt" in caplog.text
 
@@ -53,6 +61,12 @@ def test_resume_picks_newest_valid_and_skips_broken(tmp_path, caplog):
 def test_another_model_shape_is_an_error_naming_tensors(tmp_path):
     save_atomic(good(2), tmp_path / "step-00000002.ckpt")
     with pytest.raises(CheckpointError, match=r"w: checkpoint \(2, 3\) vs model \(4, 3\)"):
-        find_resume_checkpoint(tmp_path, {"w": torch.zeros(4, 3)})
+        find_resume_checkpoint(tmp_path, W(rows=4), layout=Layout.file, world_size=1)
     assert shape_mismatches({"a": torch.zeros(1)}, {"b": torch.zeros(1)}) == [
         "b: missing from the checkpoint", "a: in the checkpoint but not in the model"]
+
+
+def test_a_checkpoint_of_another_layout_is_refused_with_the_way_out(tmp_path):
+    save_atomic(good(2), tmp_path / "step-00000002.ckpt")
+    with pytest.raises(CheckpointError, match="is a file checkpoint but this run's strategy writes deepspeed ones.*init_from="):
+        find_resume_checkpoint(tmp_path, W(), layout=Layout.deepspeed, world_size=2)

@@ -1,0 +1,69 @@
+"""Choosing the checkpoint a run continues from, and refusing the ones it cannot."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from torch import nn
+
+from lmtrain.checkpoint.files import CheckpointError, list_step_checkpoints, shape_mismatches
+from lmtrain.checkpoint.formats import Layout, detect_layout, load_record, param_shapes
+
+log = logging.getLogger(__name__)
+
+
+def expected_shapes(module: nn.Module) -> tuple[dict[str, tuple[int, ...]], frozenset[str]]:
+    """State-dict shapes of `module`, and the names that alias an earlier tensor (tied weights)."""
+    shapes, seen, aliases = {}, {}, set()
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        shapes[name] = tuple(tensor.shape)
+        if id(tensor) in seen:
+            aliases.add(name)
+        seen[id(tensor)] = name
+    return shapes, frozenset(aliases)
+
+
+def check_compatible(path: Path, module: nn.Module, *, layout: Layout, world_size: int) -> dict:
+    """The checkpoint's record if this run can resume from it; CheckpointError saying why not."""
+    found = detect_layout(path)
+    record = load_record(path)
+    if found is not layout:
+        raise CheckpointError(
+            f"checkpoint {path} is a {found.value} checkpoint but this run's strategy writes {layout.value} ones; "
+            f"resume with the strategy that wrote it ({record['lmtrain'].get('strategy', '?')}), or start a new run "
+            f"from its weights with init_from={path}"
+        )
+    saved_world = record["lmtrain"].get("world_size", world_size)
+    if layout is Layout.deepspeed and saved_world != world_size:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {saved_world} ranks with {record['lmtrain'].get('strategy')}; DeepSpeed's "
+            f"ZeRO optimizer shards cannot be resharded to {world_size} ranks. Resume on {saved_world} ranks, or continue "
+            f"from its weights only (fresh optimizer state) with init_from={path}"
+        )
+    shapes, aliases = expected_shapes(module)
+    if problems := shape_mismatches(param_shapes(path), shapes, aliases):
+        raise CheckpointError(
+            f"checkpoint {path} (step {record.get('global_step', '?')}) was saved from another model shape than this "
+            "run's config:\n  " + "\n  ".join(problems[:20])
+            + "\nresume with the run's original model config, or start a new run_name"
+        )
+    return record
+
+
+def find_resume_checkpoint(directory: Path, module: nn.Module, *, layout: Layout, world_size: int) -> Path | None:
+    """The newest checkpoint in `directory` that loads; unreadable ones are named and skipped.
+
+    A readable checkpoint this run cannot use (another model shape or strategy) is not skipped:
+    the config changed under an existing run, which the user must resolve.
+    """
+    for step, path in list_step_checkpoints(directory):
+        try:
+            detect_layout(path)
+            load_record(path)
+        except CheckpointError as e:
+            log.warning("skipping %s; falling back to an older checkpoint", e)
+            continue
+        check_compatible(path, module, layout=layout, world_size=world_size)
+        return path
+    return None

@@ -1,0 +1,107 @@
+"""DeepSpeed ZeRO through Lightning, on GPUs and on CPUs.
+
+The DeepSpeed config is generated from lmtrain's own settings (micro batch, accumulation,
+clipping, stage, buckets, offload) so the two cannot disagree; a user JSON may add or override
+keys, but not contradict the ones lmtrain owns.
+
+Lightning's DeepSpeedStrategy refuses a CPU accelerator. DeepSpeed itself runs ZeRO 1-3 on CPU
+over gloo (DS_ACCELERATOR=cpu); the subclass below lifts Lightning's CUDA-only checks, which makes
+every strategy testable without a GPU and usable on CPU clusters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.strategies.ddp import DDPStrategy
+
+from lmtrain.distributed.config import StrategyConfig, StrategyKind
+
+# Keys whose value lmtrain derives from its own config; a user JSON must not contradict them.
+OWNED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
+
+
+def build_deepspeed_config(cfg: StrategyConfig, *, micro_batch_size: int, grad_clip: float, on_cpu: bool) -> dict:
+    stage = cfg.zero_stage
+    zero: dict = {"stage": stage, "contiguous_gradients": True, "overlap_comm": not on_cpu,
+                  "reduce_bucket_size": cfg.reduce_bucket_size}
+    if stage in (1, 2):
+        zero["allgather_bucket_size"] = cfg.allgather_bucket_size
+    if stage == 3:
+        zero["stage3_prefetch_bucket_size"] = cfg.prefetch_bucket_size
+        zero["stage3_gather_16bit_weights_on_model_save"] = False  # checkpoints stay sharded; `lmtrain export` consolidates
+    if cfg.kind is StrategyKind.deepspeed_zero3_offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": not on_cpu}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": not on_cpu}
+    config = {
+        "zero_optimization": zero,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_clipping": grad_clip,
+        "zero_allow_untested_optimizer": True,  # lmtrain's AdamW with its own parameter groups
+        # With offload, DeepSpeed insists on its CPU Adam (a JIT-compiled op); torch's AdamW runs
+        # on the offloaded fp32 state too, needs no compiler, and keeps the optimizer identical.
+        "zero_force_ds_cpu_optimizer": False,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.deepspeed_config:
+        config = merge_user_config(config, Path(cfg.deepspeed_config))
+    return config
+
+
+def merge_user_config(config: dict, path: Path) -> dict:
+    if not path.is_file():
+        raise ValueError(f"strategy.deepspeed_config='{path}' does not exist")
+    try:
+        user = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"strategy.deepspeed_config='{path}' is not valid JSON: {e}") from e
+    for key in OWNED_KEYS:
+        if key in user and key in config and user[key] != config[key]:
+            raise ValueError(
+                f"{path} sets {key}={user[key]} but lmtrain's config gives {config[key]}; set it through lmtrain "
+                "(trainer.micro_batch_size, trainer.global_batch_size, trainer.grad_clip) and remove it from the JSON"
+            )
+    merged = dict(config)
+    for key, value in user.items():
+        merged[key] = {**merged[key], **value} if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+class CPUCapableDeepSpeedStrategy(DeepSpeedStrategy):
+    """DeepSpeedStrategy that also accepts Lightning's CPU accelerator."""
+
+    def _on_cpu(self) -> bool:
+        return self.accelerator is not None and type(self.accelerator).__name__ == "CPUAccelerator"
+
+    def setup_environment(self) -> None:
+        if not self._on_cpu():
+            return super().setup_environment()
+        DDPStrategy.setup_environment(self)  # the parent's CUDA check is the only thing skipped
+
+    def setup_distributed(self) -> None:
+        if not self._on_cpu():
+            return super().setup_distributed()
+        from lightning.fabric.utilities.seed import reset_seed
+
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    @property
+    def root_device(self) -> torch.device:
+        if self._on_cpu():
+            return torch.device("cpu", self.local_rank)  # DeepSpeed reads the index as its device rank
+        return super().root_device
+
+
+def build_deepspeed_strategy(cfg: StrategyConfig, *, micro_batch_size: int, grad_clip: float, on_cpu: bool):
+    if on_cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    config = build_deepspeed_config(cfg, micro_batch_size=micro_batch_size, grad_clip=grad_clip, on_cpu=on_cpu)
+    return CPUCapableDeepSpeedStrategy(config=config, timeout=timedelta(seconds=cfg.timeout_s),
+                                       process_group_backend="gloo" if on_cpu else None)
