@@ -181,7 +181,7 @@ def build_trainer(case: BenchCase, task: CausalLMTask, tcfg: TrainerConfig, run_
     metrics = StepMetrics(
         log_every_steps=tcfg.log_every_steps, max_steps=tcfg.max_steps, tokens_per_step=case.tokens_per_step,
         flops_per_token=task.model.flops_per_token(case.seq_len), peak_flops_per_device=peak_flops(tcfg),
-        tokens_per_byte=1.0, print_lines=True,
+        tokens_per_byte=1.0, print_lines=True,  # one token per byte; lines as when stdout is no terminal
     )
     return L.Trainer(
         accelerator=tcfg.accelerator, devices=1, num_nodes=1, strategy=strategy,
@@ -280,7 +280,9 @@ def quiet_lightning() -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=["tiny", "20m"], default=["tiny", "20m"])
-    parser.add_argument("--steps", type=int, default=50, help="optimizer steps per timed segment")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps per timed segment; default 25 on cpu, 200 on cuda. A multiple of "
+                        "conf/trainer/default.yaml's log_every_steps gives every lmtrain segment the same logging steps")
     parser.add_argument("--repeats", type=int, default=5, help="rounds of (plain segment, lmtrain segment)")
     parser.add_argument("--warmup-steps", type=int, default=10, help="untimed steps per side before the first segment")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch.set_num_threads")
@@ -288,6 +290,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=2_000_000, help="train tokens in the token file")
     parser.add_argument("--val-tokens", type=int, default=65_536)
     args = parser.parse_args()
+    if args.steps is None:
+        args.steps = 200 if args.device == "cuda" else 25
     for name in ("steps", "repeats", "warmup_steps", "threads"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be > 0")

@@ -22,6 +22,8 @@ COMMANDS = {
     "train": "pretrain a model (model=..., data=..., trainer.max_steps=...)",
     "generate": "sample text from a checkpoint (ckpt=... prompt=...)",
     "eval": "val loss, perplexity and bits per byte of a checkpoint (ckpt=...)",
+    "plan": "per-GPU memory of a model, strategy and batch; the cheapest strategy that fits",
+    "export": "consolidate any strategy's checkpoint into one state dict (ckpt=... format=torch|safetensors)",
 }
 # Lightning's launcher re-runs this program for ranks 1..N-1 with sys.argv[1:] minus nothing we
 # could add; the subcommand travels to those children in the environment instead.
@@ -59,7 +61,20 @@ def _eval(cfg: DictConfig) -> None:
     run(to_typed(cfg))
 
 
-_APPS: dict[str, Callable[[DictConfig], None]] = {"prepare": _prepare, "train": _train, "generate": _generate, "eval": _eval}
+def _export(cfg: DictConfig) -> None:
+    from lmtrain.export import run
+
+    run(to_typed(cfg))
+
+
+def _plan(cfg: DictConfig) -> None:
+    from lmtrain.distributed.plan import run
+
+    run(to_typed(cfg))
+
+
+_APPS: dict[str, Callable[[DictConfig], None]] = {"prepare": _prepare, "train": _train, "generate": _generate, "eval": _eval,
+                                                 "export": _export, "plan": _plan}
 
 
 def _report_errors(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -163,6 +164,26 @@ class EvalConfig:
     device: str = "auto"
 
 
+class ExportFormat(Enum):
+    torch = "torch"
+    safetensors = "safetensors"
+
+
+@dataclass
+class ExportConfig:
+    ckpt: str = "???"
+    """Any strategy's checkpoint: a file (single/DDP) or a directory (DeepSpeed ZeRO, FSDP)."""
+    format: ExportFormat = ExportFormat.torch
+    dtype: str = "fp32"
+    """fp32 or bf16."""
+    out: Optional[str] = None
+    """Output file; default runs/<run>/export-<checkpoint>-<dtype>.pt|.safetensors."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("fp32", "bf16"):
+            raise ValueError(f"dtype={self.dtype!r} is not one of fp32, bf16")
+
+
 def default_run_name(explicit: Optional[str]) -> str:
     """Stable across SLURM requeues (the job id) and for Lightning's child processes (they get the
     parent's run dir); a timestamp otherwise."""
@@ -187,6 +208,10 @@ def register_configs() -> None:
     cs.store(name="prepare_schema", node=PrepareConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
     cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="export_schema", node=ExportConfig)
+    from lmtrain.distributed.plan import PlanConfig  # here: plan.py imports TrainerConfig from this module
+
+    cs.store(name="plan_schema", node=PlanConfig)
     if not OmegaConf.has_resolver("lmtrain_run_name"):
         OmegaConf.register_new_resolver("lmtrain_run_name", default_run_name, use_cache=True)
 
@@ -200,6 +225,3 @@ def to_record(cfg: DictConfig) -> dict:
     """The resolved config as plain containers: saved in the run dir and in every checkpoint."""
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
-
-def has_cuda() -> bool:
-    return torch.cuda.is_available()
