@@ -51,6 +51,8 @@ class TrainerConfig:
     """Micro batches per rank in the fixed validation subset."""
     ckpt_every_steps: int = 500
     keep_last_checkpoints: int = 3
+    checkpoint: bool = True
+    """false: write no checkpoints at all (benchmarks, smoke runs)."""
     log_every_steps: int = 10
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""

@@ -212,7 +212,8 @@ def run(cfg: TrainConfig, record: dict, run_dir: Path) -> None:
         val_check_interval=tcfg.val_every_steps * accumulate, check_val_every_n_epoch=None, num_sanity_val_steps=0,
         use_distributed_sampler=False,  # our sampler deals disjoint, resumable slices itself
         logger=build_loggers(cfg.logger, run_dir), enable_checkpointing=False,
-        callbacks=[metrics, StepCheckpoint(ckpt_dir, every_n_steps=tcfg.ckpt_every_steps, keep_last=tcfg.keep_last_checkpoints)],
+        callbacks=[metrics] + ([StepCheckpoint(ckpt_dir, every_n_steps=tcfg.ckpt_every_steps, keep_last=tcfg.keep_last_checkpoints)]
+                               if tcfg.checkpoint else []),
         plugins=[AtomicCheckpointIO()], enable_progress_bar=progress_bar, enable_model_summary=False,
         default_root_dir=run_dir, log_every_n_steps=tcfg.log_every_steps,
     )
@@ -252,13 +253,15 @@ def setup_fsdp(task: CausalLMTask, scfg, tcfg: TrainerConfig, precision: str, on
 def summarize(task, metrics: StepMetrics, prepared, model_cfg: ModelConfig, tcfg: TrainerConfig, seconds: float, run_dir: Path) -> None:
     val = [row for row in metrics.history if "val/loss" in row]
     entropy = unigram_entropy(prepared.val, model_cfg.padded_vocab_size)
-    print(f"\ntrained to step {tcfg.max_steps} in {seconds:.0f} s; checkpoints in {run_dir / 'checkpoints'}")
+    print(f"\ntrained to step {tcfg.max_steps} in {seconds:.0f} s; run dir {run_dir}")
     if val:
         last = val[-1]
         print(
             f"val loss {last['val/loss']:.4f} nats/token (ppl {last['val/ppl']:.2f}, {last['val/bpb']:.3f} bits/byte) "
             f"vs unigram entropy of the val tokens {entropy:.4f} nats/token"
         )
+    if not (run_dir / "checkpoints" / "last.ckpt").exists():
+        return  # trainer.checkpoint=false: nothing to sample from
     tokenizer = load_tokenizer(run_dir / "tokenizer" / TOKENIZER_FILE, eos_token=task.record["eos_token"])
     # From the final checkpoint rather than the live model: under ZeRO-3 or FSDP rank 0 holds
     # only a shard, and this also proves the checkpoint loads for `lmtrain generate`.

@@ -8,6 +8,7 @@ import sys
 import time
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 
@@ -53,6 +54,8 @@ class StepMetrics(L.Callback):
         }
         if (grad_norm := pl_module.current_grad_norm()) is not None:
             metrics["opt/grad_norm"] = grad_norm
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            metrics["perf/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if self.peak_flops_per_device:
             metrics["perf/mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops_per_device * trainer.world_size)
         self._t0, self._step0 = now, step
@@ -86,6 +89,7 @@ def format_line(step: int, max_steps: int, metrics: dict) -> str:
         "opt/grad_norm": "gnorm {:.2f}",
         "perf/tokens_per_s": "{:,.0f} tok/s",
         "perf/mfu": "mfu {:.1%}",
+        "perf/peak_mem_gib": "mem {:.1f} GiB",
     }
     parts = [fmt.format(metrics[k]) for k, fmt in shown.items() if k in metrics]
     return f"step {step}/{max_steps} | " + " | ".join(parts)

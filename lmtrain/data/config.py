@@ -95,6 +95,9 @@ class DataConfig:
 
     cache_dir: str = "~/.cache/lmtrain/data"
     """Directory that holds prepared datasets."""
+    prepared: Optional[str] = None
+    """A directory made by `lmtrain prepare` (train.bin, val.bin, meta.json), used as it is: for data
+    prepared on another machine, where the source paths or Python version differ."""
 
     def __post_init__(self) -> None:
         self.source = coerce_enum(SourceKind, self.source, "data.source")

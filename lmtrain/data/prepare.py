@@ -27,13 +27,14 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
-import datasets
 import numpy as np
-import pyarrow.compute as pc
 
 from lmtrain.data.config import DataConfig, TokenizerConfig, TokenizerKind
+
+if TYPE_CHECKING:  # training only reads prepared files: `datasets` is imported where prepare needs it
+    import datasets
 from lmtrain.data.sources import describe_source, load_documents, source_identity
 from lmtrain.data.tokenizers import (
     EXTRA_SPECIAL_TOKENS,
@@ -146,6 +147,8 @@ def compute_fingerprint(data: DataConfig, tokenizer: TokenizerConfig) -> str:
 
 def prepared_dir(data: DataConfig, tokenizer: TokenizerConfig) -> Path:
     """Where `prepare_dataset` puts (or put) this dataset; does no work besides stat-ing inputs."""
+    if data.prepared:
+        return Path(data.prepared).expanduser()
     return Path(data.cache_dir).expanduser() / f"{data.name}-{compute_fingerprint(data, tokenizer)[:12]}"
 
 
@@ -322,6 +325,8 @@ def _split_documents(
 
 def _nonempty_documents(documents: datasets.Dataset) -> Tuple[np.ndarray, np.ndarray]:
     """(positions of documents with a non-whitespace character, UTF-8 byte length of every document)."""
+    import pyarrow.compute as pc
+
     kept: List[np.ndarray] = []
     n_bytes: List[np.ndarray] = []
     start = 0
@@ -366,6 +371,8 @@ def _tokenize(
     docs: datasets.Dataset, tokenizer: Tokenizer, num_proc: int, cache_file: Path, fingerprint: str
 ) -> datasets.Dataset:
     """Token ids of every document, in document order whatever num_proc (datasets shards contiguously)."""
+    import datasets
+
     return docs.map(
         _EncodeDocuments(tokenizer),
         batched=True,

@@ -11,11 +11,12 @@ import os
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Any, Dict, List
-
-import datasets
+from typing import TYPE_CHECKING, Any, Dict, List
 
 from lmtrain.data.config import DataConfig, SourceKind
+
+if TYPE_CHECKING:  # imported where documents are loaded: training never needs it
+    import datasets
 
 # Directories of the standard library that are not library code (or not ours to learn from).
 STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib"})
@@ -100,6 +101,8 @@ def load_documents(cfg: DataConfig, scratch_dir: Path) -> datasets.Dataset:
     Local files are converted to Arrow under `scratch_dir` (thrown away after prepare); hub
     datasets use the normal Hugging Face cache, so a download is reused.
     """
+    import datasets
+
     hf_cache = str(scratch_dir / "hf_datasets")
     match cfg.source:
         case SourceKind.python_stdlib:
@@ -129,6 +132,8 @@ def load_documents(cfg: DataConfig, scratch_dir: Path) -> datasets.Dataset:
 
 
 def _text_column(dataset: datasets.Dataset, column: str, description: str) -> datasets.Dataset:
+    import datasets
+
     """Keep only `column`, renamed to `text`; raise listing the columns when it is absent or not text."""
     if column not in dataset.column_names:
         raise ValueError(

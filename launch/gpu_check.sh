@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The GPU check, on one lent GPU with torch + Lightning but without hydra-core, omegaconf or
+# deepspeed (installed from wheels carried in .whl: ../shared/tools/gpu-wheels.sh .whl) and
+# without `datasets` (the data is prepared here and carried in .gpucheck/data):
+#
+#   here:   ../shared/tools/gpu-wheels.sh .whl && launch/gpu_check.sh --prepare-only
+#   there:  launch/gpu_check.sh            (<= 6 minutes on one H200; prints and writes $OUT/gpu_check.txt)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+data=.gpucheck/data
+
+if [[ "${1:-}" == "--prepare-only" ]]; then
+  # A 32k-token BPE over the Python standard library, prepared once and carried to the GPU machine.
+  out=$(python -m lmtrain prepare data=python_stdlib tokenizer=bpe tokenizer.vocab_size=32000 data.cache_dir=.gpucheck/cache | tail -1)
+  rm -rf "$data" && mkdir -p .gpucheck && cp -r "${out#prepared: }" "$data"
+  du -sh "$data"; exit 0
+fi
+
+if [[ -d .whl ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" DS_BUILD_OPS=0 TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
+[[ -f "$data/meta.json" ]] || { echo "gpu_check: $data is missing: run 'launch/gpu_check.sh --prepare-only' first" >&2; exit 2; }
+exec python3 launch/gpu_check.py --data "$data" "$@"
