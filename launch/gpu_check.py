@@ -91,16 +91,20 @@ def main() -> int:
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    global LOG
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        LOG = Path(args.out) / "gpu_check.log"
     data = str(Path(args.data).resolve())
 
     import torch
 
     device = "cpu" if args.smoke else "cuda"
     name = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name()
-    print(f"device {name} | torch {torch.__version__} | python {sys.version.split()[0]}", flush=True)
+    emit(f"device {name} | torch {torch.__version__} | python {sys.version.split()[0]}")
     tflops = None if args.smoke else matmul_tflops(device)
     if tflops:
-        print(f"measured bf16 matmul (8192^3): {tflops:.0f} TFLOP/s = {tflops * 1e12 / H200_PEAK:.0%} of 989", flush=True)
+        emit(f"measured bf16 matmul (8192^3): {tflops:.0f} TFLOP/s = {tflops * 1e12 / H200_PEAK:.0%} of 989")
 
     if args.smoke:
         base = ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.seq_len=64", "trainer.micro_batch_size=2",
@@ -157,12 +161,19 @@ def main() -> int:
         results.append((job, rc, secs, row, est))
         report(job, rc, secs, row, est, out, extra=resumed)
 
-    lines = summary(results, tflops)
-    print("\n".join(lines), flush=True)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "gpu_check.txt").write_text("\n".join(lines) + "\n")
+    for line in summary(results, tflops):
+        emit(line)
     return 0 if all(rc == 0 for _, rc, *_ in results) else 1
+
+
+LOG: Path | None = None  # every line also goes here at once, so a run cut short still leaves its figures
+
+
+def emit(line: str) -> None:
+    print(line, flush=True)
+    if LOG is not None:
+        with open(LOG, "a") as f:
+            f.write(line + "\n")
 
 
 def report(job: Job, rc: int, secs: float, row: dict, est: float | None, out: str, extra: str = "") -> None:
@@ -170,9 +181,9 @@ def report(job: Job, rc: int, secs: float, row: dict, est: float | None, out: st
     mfu = f"mfu {row['perf/mfu']:.1%}" if "perf/mfu" in row else ""
     tok = f"{row['perf/tokens_per_s']:,.0f} tok/s" if "perf/tokens_per_s" in row else ""
     mem = f"peak {row['perf/peak_mem_gib']:.1f} GiB" if "perf/peak_mem_gib" in row else ""
-    print(f"[{job.name}] {status} in {secs:.0f} s {tok} {mfu} {mem} {extra}".rstrip(), flush=True)
+    emit(f"[{job.name}] {status} in {secs:.0f} s {tok} {mfu} {mem} {extra}".rstrip())
     if rc != 0:
-        print("  " + "\n  ".join(out.strip().splitlines()[-25:]), flush=True)
+        emit("  " + "\n  ".join(out.strip().splitlines()[-25:]))
 
 
 def summary(results, tflops) -> list[str]:

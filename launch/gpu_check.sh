@@ -4,7 +4,8 @@
 # without `datasets` (the data is prepared here and carried in .gpucheck/data):
 #
 #   here:   ../shared/tools/gpu-wheels.sh .whl && launch/gpu_check.sh --prepare-only
-#   there:  launch/gpu_check.sh            (<= 6 minutes on one H200; prints and writes $OUT/gpu_check.txt)
+#   there:  launch/gpu_check.sh            (<= 6 minutes on one H200; each line also lands in $OUT/gpu_check.log
+#           at once: do not pipe it through grep/tail, which hold output back until the end)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=.gpucheck/data
