@@ -28,6 +28,7 @@ from lmtrain.checkpoint import (
     expected_shapes,
     find_resume_checkpoint,
     list_step_checkpoints,
+    load_record,
     load_weights,
     shape_mismatches,
 )
@@ -42,7 +43,7 @@ from lmtrain.distributed.config import ShardingKind, StrategyKind
 from lmtrain.distributed.fsdp import apply_fsdp, build_fsdp_mesh
 from lmtrain.distributed.strategy import build_strategy, resolve_kind
 from lmtrain.inference import load_model
-from lmtrain.loggers import build_loggers
+from lmtrain.loggers import build_loggers, load_wandb_state, new_wandb_run_id
 from lmtrain.model.config import ModelConfig
 from lmtrain.tasks.causal_lm import CausalLMTask
 
@@ -181,6 +182,14 @@ def run(cfg: TrainConfig, record: dict, run_dir: Path) -> None:
     ckpt_path = choose_checkpoint(cfg, ckpt_dir, task, strategy_layout(kind))
     if cfg.init_from and ckpt_path is None:
         init_weights_from(task, cfg.init_from)
+    # One W&B run per lmtrain run: the id travels in every checkpoint (and the run dir).
+    resumed = load_record(ckpt_path) if ckpt_path else {}
+    resume_step = int(resumed.get("global_step", 0))
+    wandb_run_id = resumed.get("lmtrain", {}).get("wandb_run_id")
+    wandb_run_id = wandb_run_id or load_wandb_state(run_dir).get("run_id")
+    if cfg.logger.wandb and wandb_run_id is None:
+        wandb_run_id = new_wandb_run_id()
+    task.record["wandb_run_id"] = wandb_run_id
     if tcfg.activation_checkpointing:
         apply_activation_checkpointing(task.model)
     if tcfg.compile:
@@ -211,7 +220,8 @@ def run(cfg: TrainConfig, record: dict, run_dir: Path) -> None:
         max_steps=tcfg.max_steps, max_epochs=-1, accumulate_grad_batches=accumulate,
         val_check_interval=tcfg.val_every_steps * accumulate, check_val_every_n_epoch=None, num_sanity_val_steps=0,
         use_distributed_sampler=False,  # our sampler deals disjoint, resumable slices itself
-        logger=build_loggers(cfg.logger, run_dir), enable_checkpointing=False,
+        logger=build_loggers(cfg.logger, run_dir, record=record, wandb_run_id=wandb_run_id,
+                                           resume_step=resume_step), enable_checkpointing=False,
         callbacks=[metrics] + ([StepCheckpoint(ckpt_dir, every_n_steps=tcfg.ckpt_every_steps, keep_last=tcfg.keep_last_checkpoints)]
                                if tcfg.checkpoint else []),
         plugins=[AtomicCheckpointIO()], enable_progress_bar=progress_bar, enable_model_summary=False,
