@@ -29,5 +29,10 @@ done
 [[ "$node_rank" =~ ^[0-9]+$ && "$node_rank" -lt "$nodes" ]] || { echo "multinode.sh: --node-rank $node_rank must be in 0..$((nodes - 1))" >&2; exit 2; }
 
 export MASTER_ADDR=$master MASTER_PORT=$port NODE_RANK=$node_rank
-run_name=${run_name:-multinode-${master//[^A-Za-z0-9]/_}-$port}
+# Every node must name the same run dir; a derived default would make unrelated jobs resume each other.
+if [[ -z "$run_name" ]]; then
+  for arg in "$@"; do [[ "$arg" == run_name=* ]] && run_name=given; done
+  [[ -n "$run_name" ]] || { echo "multinode.sh: name the run: --run-name NAME (or run_name=NAME in the command), the same on every node" >&2; exit 2; }
+  exec "$@" "trainer.num_nodes=$nodes"
+fi
 exec "$@" "trainer.num_nodes=$nodes" "run_name=$run_name"

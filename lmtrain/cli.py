@@ -30,10 +30,6 @@ COMMANDS = {
 _COMMAND_ENV = "LMTRAIN_COMMAND"
 
 
-class UserError(Exception):
-    """Raised for bad input: printed without a traceback."""
-
-
 def _prepare(cfg: DictConfig) -> None:
     from lmtrain.data.prepare import prepare_dataset
 
@@ -81,11 +77,13 @@ def _report_errors(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], N
     """Bad input ends with one clear line and exit code 2, not a traceback (LMTRAIN_DEBUG=1 shows it)."""
 
     def wrapped(cfg: DictConfig) -> None:
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
         from lmtrain.checkpoint import CheckpointError
 
         try:
             fn(cfg)
-        except (ValueError, FileNotFoundError, CheckpointError, FloatingPointError) as e:
+        except (ValueError, FileNotFoundError, CheckpointError, FloatingPointError, MisconfigurationException) as e:
             if os.environ.get("LMTRAIN_DEBUG"):
                 raise
             print(f"lmtrain: error: {e}", file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@ OmegaConf.to_object() runs every dataclass's __post_init__ checks before any wor
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -71,9 +72,14 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "seq_len", "micro_batch_size", "devices", "num_nodes", "val_every_steps",
-                     "ckpt_every_steps", "keep_last_checkpoints", "log_every_steps"):
+                     "val_batches", "ckpt_every_steps", "keep_last_checkpoints", "log_every_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"trainer.{name}={getattr(self, name)} must be > 0")
+        for name in ("num_workers", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"trainer.{name}={getattr(self, name)} must be >= 0")
+        if self.peak_flops_per_device is not None and self.peak_flops_per_device <= 0:
+            raise ValueError(f"trainer.peak_flops_per_device={self.peak_flops_per_device} must be > 0 (or null)")
         if self.global_batch_size is not None and self.global_batch_size <= 0:
             raise ValueError(f"trainer.global_batch_size={self.global_batch_size} must be > 0 (or null)")
         if self.precision not in PRECISIONS:
@@ -125,6 +131,8 @@ class TrainConfig:
     when the run resumes from its own checkpoint."""
 
     def __post_init__(self) -> None:
+        if self.resume not in ("auto", "never") and not Path(self.resume).suffix and "/" not in self.resume:
+            raise ValueError(f"resume={self.resume!r} is not auto, never or a checkpoint path")
         if self.trainer.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"trainer.seq_len={self.trainer.seq_len} exceeds model.max_seq_len={self.model.max_seq_len} "
@@ -195,7 +203,10 @@ def default_run_name(explicit: Optional[str]) -> str:
         return f"job{job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
     if job := os.environ.get("SLURM_JOB_ID"):
         return f"job{job}"
-    return time.strftime("%Y%m%d-%H%M%S")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ:
+        # torchrun and similar: every process composes its own config, so a timestamp would differ.
+        raise ValueError("several processes were launched without a run name; set run_name=NAME (the same on every process)")
+    return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)  # two runs started in one second stay apart
 
 
 def conf_dir() -> Path:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from lmtrain.config import GenerateConfig
-from lmtrain.inference import load_model, load_run_tokenizer
-from lmtrain.train import sample_text
+from lmtrain.inference import load_model, load_run_tokenizer, sample_text
 
 
 def run(cfg: GenerateConfig) -> list[str]:
@@ -13,7 +12,7 @@ def run(cfg: GenerateConfig) -> list[str]:
     texts = []
     for i in range(cfg.num_samples):
         text = sample_text(model, tokenizer, cfg.prompt, cfg.max_new_tokens, temperature=cfg.temperature,
-                           top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed + i)
+                           top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed + i, strict=True)
         print(text if cfg.num_samples == 1 else f"--- sample {i} ---\n{text}", flush=True)
         texts.append(text)
     return texts

@@ -61,3 +61,21 @@ def load_run_tokenizer(ckpt_path: str | Path, record: dict) -> Tokenizer:
     raise CheckpointError(
         f"no tokenizer for checkpoint {ckpt_path}: looked for {', '.join(str(p) for p in candidates)}"
     )
+
+
+def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, *, temperature: float = 0.8, top_k: int | None = 50,
+                top_p: float | None = None, seed: int = 0, strict: bool = False) -> str:
+    """Decoded continuation of `prompt` ('' = from a document boundary). strict=False shortens
+    max_new_tokens to fit the model's context (the end-of-training sample); strict=True lets
+    generate() refuse a request that does not fit, with the numbers."""
+    ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
+    device = next(model.parameters()).device
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    budget = max_new_tokens if strict else min(max_new_tokens, model.cfg.max_seq_len - idx.shape[1])
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = model.generate(idx, budget, temperature=temperature, top_k=top_k, top_p=top_p,
+                         eos_id=tokenizer.eos_id, generator=generator)
+    new = out[0, len(ids):].tolist()
+    if tokenizer.eos_id in new:
+        new = new[: new.index(tokenizer.eos_id)]
+    return prompt + tokenizer.decode(new)

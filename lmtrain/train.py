@@ -7,7 +7,7 @@ resumes from the newest valid checkpoint of the run, trains, and prints a summar
 from __future__ import annotations
 
 import dataclasses
-import math
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -42,7 +42,7 @@ from lmtrain.distributed.rank import is_rank_zero, say
 from lmtrain.distributed.config import ShardingKind, StrategyKind
 from lmtrain.distributed.fsdp import apply_fsdp, build_fsdp_mesh
 from lmtrain.distributed.strategy import build_strategy, resolve_kind
-from lmtrain.inference import load_model
+from lmtrain.inference import load_model, sample_text
 from lmtrain.loggers import build_loggers, load_wandb_state, new_wandb_run_id
 from lmtrain.model.config import ModelConfig
 from lmtrain.tasks.causal_lm import CausalLMTask
@@ -108,7 +108,8 @@ def strategy_layout(kind: StrategyKind) -> Layout:
 
 
 def choose_checkpoint(cfg: TrainConfig, ckpt_dir: Path, task: CausalLMTask, layout: Layout) -> Path | None:
-    world_size = cfg.trainer.world_size
+    checks = {"world_size": cfg.trainer.world_size, "layout": layout, "seed": cfg.seed,
+              "tokenizer_hash": task.record["tokenizer_hash"]}
     match cfg.resume:
         case "never":
             if list_step_checkpoints(ckpt_dir):
@@ -120,9 +121,9 @@ def choose_checkpoint(cfg: TrainConfig, ckpt_dir: Path, task: CausalLMTask, layo
             removed = remove_stale_temp_files(ckpt_dir) if is_rank_zero() else []
             for path in removed:
                 say(f"removed {path.name}: left by a checkpoint write that was interrupted")
-            return find_resume_checkpoint(ckpt_dir, task, layout=layout, world_size=world_size)
+            return find_resume_checkpoint(ckpt_dir, task, **checks)
         case path:
-            check_compatible(Path(path), task, layout=layout, world_size=world_size)
+            check_compatible(Path(path), task, **checks)
             return Path(path)
 
 
@@ -200,6 +201,8 @@ def run(cfg: TrainConfig, record: dict, run_dir: Path) -> None:
         seq_len=tcfg.seq_len, micro_batch_size=tcfg.micro_batch_size, global_batch_size=global_batch,
         seed=cfg.seed, val_batches=tcfg.val_batches, num_workers=tcfg.num_workers,
     )
+    if kind.name.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise ValueError(f"strategy={kind.name} needs DeepSpeed: pip install 'lmtrain[deepspeed]' (DS_BUILD_OPS=0 needs no compiler)")
     on_cpu = tcfg.accelerator == "cpu" or (tcfg.accelerator == "auto" and not torch.cuda.is_available())
     strategy = build_strategy(cfg.strategy, world_size=tcfg.world_size, devices_per_node=tcfg.devices,
                               micro_batch_size=tcfg.micro_batch_size, grad_clip=tcfg.grad_clip, on_cpu=on_cpu)
@@ -249,6 +252,8 @@ def run(cfg: TrainConfig, record: dict, run_dir: Path) -> None:
 def setup_fsdp(task: CausalLMTask, scfg, tcfg: TrainerConfig, precision: str, on_cpu: bool) -> str:
     """FSDP2 does mixed precision itself (bf16 all-gathers and compute, fp32 master weights and
     reductions), so Lightning runs "32-true" and the policy carries the bf16."""
+    if precision not in ("32-true", "bf16-mixed", "bf16-true"):
+        raise ValueError(f"strategy=fsdp supports trainer.precision 32-true, bf16-mixed or bf16-true, not {precision}")
     param_dtype = torch.bfloat16 if precision.startswith("bf16") else None
 
     def parallelize(model, trainer) -> None:
@@ -277,18 +282,3 @@ def summarize(task, metrics: StepMetrics, prepared, model_cfg: ModelConfig, tcfg
     # only a shard, and this also proves the checkpoint loads for `lmtrain generate`.
     model, _ = load_model(run_dir / "checkpoints" / "last.ckpt", "cpu")
     print("\n--- sample ---\n" + sample_text(model, tokenizer, tcfg.sample_prompt, tcfg.sample_tokens) + "\n--------------")
-
-
-def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, *, temperature: float = 0.8, top_k: int | None = 50,
-                top_p: float | None = None, seed: int = 0) -> str:
-    ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
-    device = next(model.parameters()).device
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
-    budget = min(max_new_tokens, model.cfg.max_seq_len - idx.shape[1])
-    generator = torch.Generator(device=device).manual_seed(seed)
-    out = model.generate(idx, budget, temperature=temperature, top_k=top_k, top_p=top_p,
-                         eos_id=tokenizer.eos_id, generator=generator)
-    new = out[0, len(ids):].tolist()
-    if tokenizer.eos_id in new:
-        new = new[: new.index(tokenizer.eos_id)]
-    return prompt + tokenizer.decode(new)

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lmtrain.checkpoint.faults import maybe_kill
@@ -33,6 +34,13 @@ class StepCheckpoint(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.last_saved_step = trainer.global_step  # resumed from there, or 0: nothing new to save
+        # Every rank chose its checkpoint alone (run dirs on different filesystems, a late NFS view):
+        # a disagreement would diverge silently, so it ends the job here with what each rank saw.
+        steps = trainer.strategy.all_gather(torch.tensor(trainer.global_step, device=pl_module.device))
+        steps = [int(s) for s in torch.atleast_1d(steps)]
+        if len(set(steps)) > 1:
+            raise RuntimeError(f"ranks resumed from different steps {steps}: the run dir {self.directory.parent} must "
+                               "be one directory on a filesystem every node sees")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
@@ -77,12 +85,13 @@ def save_directory_atomically(trainer: L.Trainer, path: Path, step: int) -> None
     rank), then rank 0 renames it once every shard is down."""
     tmp = path.with_name(f"{path.name}{TMP_MARKER}{step}")
     trainer.save_checkpoint(tmp, weights_only=False)
+    # Every rank flushes what it can see (its own shards on a node-local cache) before the rename.
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     trainer.strategy.barrier("lmtrain_checkpoint_shards")
     if trainer.is_global_zero:
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
         maybe_kill("kill_during_checkpoint_write", step)
         remove_path(path)
         os.replace(tmp, path)

@@ -4,7 +4,6 @@ step under one naming scheme, and a plain progress line when stdout is not a ter
 from __future__ import annotations
 
 import math
-import sys
 import time
 
 import lightning as L
@@ -50,7 +49,8 @@ class StepMetrics(L.Callback):
             "opt/lr": trainer.optimizers[0].param_groups[0]["lr"],
             "perf/step_s": step_s,
             "perf/tokens_per_s": tokens_per_s,
-            "data/tokens_seen": float(step * self.tokens_per_step),
+            "data/tokens_seen": float(trainer.datamodule.consumed_samples() * self.tokens_per_step
+                                      // trainer.datamodule.global_batch_size),
         }
         if (grad_norm := pl_module.current_grad_norm()) is not None:
             metrics["opt/grad_norm"] = grad_norm
@@ -93,7 +93,3 @@ def format_line(step: int, max_steps: int, metrics: dict) -> str:
     }
     parts = [fmt.format(metrics[k]) for k, fmt in shown.items() if k in metrics]
     return f"step {step}/{max_steps} | " + " | ".join(parts)
-
-
-def stdout_is_terminal() -> bool:
-    return sys.stdout.isatty()

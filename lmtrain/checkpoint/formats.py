@@ -52,7 +52,7 @@ def _deepspeed_model_states(path: Path) -> Path:
 
 def _load(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # reads only what is used
     except FileNotFoundError as e:
         raise CheckpointError(f"checkpoint file {path} is missing: an incomplete sharded checkpoint") from e
     except Exception as e:

@@ -24,10 +24,23 @@ def expected_shapes(module: nn.Module) -> tuple[dict[str, tuple[int, ...]], froz
     return shapes, frozenset(aliases)
 
 
-def check_compatible(path: Path, module: nn.Module, *, layout: Layout, world_size: int) -> dict:
+def check_compatible(path: Path, module: nn.Module, *, layout: Layout, world_size: int,
+                     tokenizer_hash: str | None = None, seed: int | None = None) -> dict:
     """The checkpoint's record if this run can resume from it; CheckpointError saying why not."""
     found = detect_layout(path)
     record = load_record(path)
+    saved = record["lmtrain"]
+    if tokenizer_hash and saved.get("tokenizer_hash") not in (None, tokenizer_hash):
+        raise CheckpointError(
+            f"checkpoint {path} was trained on data tokenized differently (tokenizer {saved['tokenizer_hash'][:12]}, "
+            f"this run's data {tokenizer_hash[:12]}); resume with the original data and tokenizer settings"
+        )
+    saved_seed = saved.get("config", {}).get("seed")
+    if seed is not None and saved_seed is not None and saved_seed != seed:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with seed={saved_seed} but this run has seed={seed}: the data order "
+            f"depends on it, so resuming would revisit samples; resume with seed={saved_seed}"
+        )
     if found is not layout:
         raise CheckpointError(
             f"checkpoint {path} is a {found.value} checkpoint but this run's strategy writes {layout.value} ones; "
@@ -51,7 +64,8 @@ def check_compatible(path: Path, module: nn.Module, *, layout: Layout, world_siz
     return record
 
 
-def find_resume_checkpoint(directory: Path, module: nn.Module, *, layout: Layout, world_size: int) -> Path | None:
+def find_resume_checkpoint(directory: Path, module: nn.Module, *, layout: Layout, world_size: int,
+                           tokenizer_hash: str | None = None, seed: int | None = None) -> Path | None:
     """The newest checkpoint in `directory` that loads; unreadable ones are named and skipped.
 
     A readable checkpoint this run cannot use (another model shape or strategy) is not skipped:
@@ -64,6 +78,6 @@ def find_resume_checkpoint(directory: Path, module: nn.Module, *, layout: Layout
         except CheckpointError as e:
             log.warning("skipping %s; falling back to an older checkpoint", e)
             continue
-        check_compatible(path, module, layout=layout, world_size=world_size)
+        check_compatible(path, module, layout=layout, world_size=world_size, tokenizer_hash=tokenizer_hash, seed=seed)
         return path
     return None

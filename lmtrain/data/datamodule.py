@@ -83,9 +83,15 @@ class LMDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         available = count_windows(self.n_val_tokens, self.seq_len)
         world = self.trainer.world_size
+        if available < world:
+            raise ValueError(
+                f"the val split of {self.prepared_dir} holds {available} windows of trainer.seq_len={self.seq_len}, "
+                f"fewer than the {world} ranks: every rank must validate at least one. Raise data.val_fraction "
+                "or lower trainer.seq_len"
+            )
         wanted = self.val_batches * self.micro_batch_size * world
         # Round down to a multiple of the world size: every rank must run the same number of batches.
-        n_windows = min(wanted, available - available % world) or available
+        n_windows = min(wanted, available - available % world)
         val = ValWindows(
             self.prepared_dir / "val.bin",
             dtype=self.dtype,

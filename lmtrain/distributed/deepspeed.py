@@ -23,7 +23,10 @@ from lightning.pytorch.strategies.ddp import DDPStrategy
 from lmtrain.distributed.config import StrategyConfig, StrategyKind
 
 # Keys whose value lmtrain derives from its own config; a user JSON must not contradict them.
-OWNED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
+OWNED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_clipping")
+# Keys lmtrain (through Lightning) sets from trainer.global_batch_size and trainer.precision: never in the JSON.
+REFUSED_KEYS = {"gradient_accumulation_steps": "trainer.global_batch_size", "train_batch_size": "trainer.global_batch_size",
+                "bf16": "trainer.precision", "fp16": "trainer.precision"}
 
 
 def build_deepspeed_config(cfg: StrategyConfig, *, micro_batch_size: int, grad_clip: float, on_cpu: bool) -> dict:
@@ -60,6 +63,9 @@ def merge_user_config(config: dict, path: Path) -> dict:
         user = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"strategy.deepspeed_config='{path}' is not valid JSON: {e}") from e
+    for key, setting in REFUSED_KEYS.items():
+        if key in user:
+            raise ValueError(f"{path} sets {key}; lmtrain derives it from {setting}: remove it from the JSON")
     for key in OWNED_KEYS:
         if key in user and key in config and user[key] != config[key]:
             raise ValueError(

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 
-from lmtrain.distributed.config import ShardingKind, StrategyConfig, StrategyKind
+from lmtrain.distributed.config import StrategyConfig, StrategyKind
 from lmtrain.distributed.deepspeed import build_deepspeed_strategy
 
 
@@ -33,8 +33,7 @@ def build_strategy(cfg: StrategyConfig, *, world_size: int, devices_per_node: in
             return build_deepspeed_strategy(cfg, micro_batch_size=micro_batch_size, grad_clip=grad_clip, on_cpu=on_cpu)
         case StrategyKind.fsdp:
             # FSDP2 (fully_shard per block, applied by CausalLMTask.configure_model through
-            # lmtrain.distributed.fsdp). Hybrid: shard inside a node, replicate across nodes.
-            replicas = world_size // devices_per_node if cfg.sharding is ShardingKind.hybrid else 1
+            # lmtrain.distributed.fsdp, which also builds the hybrid-sharding mesh).
             return ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1,
                                          save_distributed_checkpoint=True, timeout=timedelta(seconds=cfg.timeout_s))
     raise ValueError(f"strategy.kind={cfg.kind} is not supported; choose one of {[k.name for k in StrategyKind]}")

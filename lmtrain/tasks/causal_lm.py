@@ -45,12 +45,21 @@ class CausalLMTask(L.LightningModule):
         self.register_buffer("_loss_count", torch.zeros(()), persistent=False)
         self.register_buffer("_first_bad_step", torch.tensor(-1), persistent=False)
         self.register_buffer("_val_loss_sum", torch.zeros((), dtype=torch.float64), persistent=False)
-        self.register_buffer("_val_tokens", torch.zeros((), dtype=torch.float64), persistent=False)
         self.grad_norm: torch.Tensor | None = None
         self.last_val: dict[str, float] = {}
         # Sharding (FSDP2) applied from outside once processes exist: fn(model, trainer).
         self.parallelize: Callable[[torch.nn.Module, L.Trainer], None] | None = None
         self._parallelized = False
+
+    def on_fit_start(self) -> None:
+        # Device-side accumulators, read (a host sync) only on logging steps. Plain attributes, not
+        # buffers: a bf16-true or DeepSpeed bf16 module cast would make them bf16, where a count
+        # stops at 256.
+        zeros = lambda dtype: torch.zeros((), dtype=dtype, device=self.device)  # noqa: E731 - local shorthand
+        self._loss_sum, self._loss_count = zeros(torch.float64), zeros(torch.float64)
+        self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self._val_loss_sum, self._val_tokens = zeros(torch.float64), zeros(torch.float64)
+        self._step_on_device = torch.zeros((), dtype=torch.int64, device=self.device)
 
     def configure_model(self) -> None:
         if self.parallelize is not None and not self._parallelized:
@@ -79,7 +88,8 @@ class CausalLMTask(L.LightningModule):
         self._loss_sum += detached
         self._loss_count += 1
         bad = ~torch.isfinite(detached) & (self._first_bad_step < 0)
-        self._first_bad_step.copy_(torch.where(bad, torch.tensor(self.global_step + 1, device=self.device), self._first_bad_step))
+        self._step_on_device.fill_(self.global_step + 1)  # fill_ with a Python int: no host-to-device copy, no sync
+        self._first_bad_step.copy_(torch.where(bad, self._step_on_device, self._first_bad_step))
         return loss
 
     def pop_train_loss(self) -> float:
@@ -91,8 +101,10 @@ class CausalLMTask(L.LightningModule):
         return loss
 
     def check_finite(self) -> None:
-        """Raise if any loss since the start was NaN/Inf (a host sync)."""
-        bad = int(self._first_bad_step.item())
+        """Raise on every rank if any rank saw a NaN/Inf loss (a collective and a host sync): one
+        rank raising alone would leave the others waiting in the next collective until timeout."""
+        worst = self.trainer.strategy.reduce(self._first_bad_step.clone(), reduce_op="max")
+        bad = int(worst.item())
         if bad >= 0:
             raise FloatingPointError(
                 f"non-finite training loss (NaN or Inf) at step {bad}; stopped without saving a checkpoint, "
@@ -126,7 +138,7 @@ class CausalLMTask(L.LightningModule):
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self._val_loss_sum += self.compute_loss(batch, reduction="sum").double()
-        self._val_tokens += batch[:, 1:].numel()
+        self._val_tokens += float(batch[:, 1:].numel())
 
     def on_validation_epoch_end(self) -> None:
         loss_sum = self.trainer.strategy.reduce(self._val_loss_sum.clone(), reduce_op="sum")

@@ -47,7 +47,8 @@ def runs(prepared, tmp_path_factory) -> dict[str, Path]:
     cwd = tmp_path_factory.mktemp("ddp")
     run_cli(["train", *prepared, *TINY_TRAIN, *COMMON, *ONE_RANK, "run_name=one"], cwd=cwd)
     run_cli(["train", *prepared, *TINY_TRAIN, *COMMON, *TWO_RANKS, "run_name=two"], cwd=cwd)
-    return {"cwd": cwd, "one": cwd / "runs" / "one", "two": cwd / "runs" / "two"}
+    run_cli(["train", *prepared, *TINY_TRAIN, *COMMON, *ONE_RANK, "trainer.micro_batch_size=2", "run_name=accum"], cwd=cwd)
+    return {"cwd": cwd, "one": cwd / "runs" / "one", "two": cwd / "runs" / "two", "accum": cwd / "runs" / "accum"}
 
 
 def test_two_ranks_of_b_equal_one_rank_of_2b(runs):
@@ -56,8 +57,38 @@ def test_two_ranks_of_b_equal_one_rank_of_2b(runs):
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5), step
     assert_same_weights(weights(runs["one"]), weights(runs["two"]), exact=False)
-    # Only rank 0 writes: one run dir, one metrics file, no per-rank dirs.
-    assert sorted(p.name for p in runs["cwd"].joinpath("runs").iterdir()) == ["one", "two"]
+    # Only rank 0 writes: one run dir, one metrics file, no per-rank files or dirs.
+    assert sorted(p.name for p in runs["cwd"].joinpath("runs").iterdir()) == ["accum", "one", "two"]
+    assert sorted(p.name for p in runs["two"].iterdir()) == [".hydra", "checkpoints", "config.yaml", "metrics.jsonl", "tokenizer"]
+
+
+def test_gradient_accumulation_equals_the_larger_batch(runs):
+    """1 rank x micro 2 x 2 accumulation == 1 rank x micro 4 == 2 ranks x micro 2 (global batch 4)."""
+    one, accum = losses_by_step(runs["one"]), losses_by_step(runs["accum"])
+    assert sorted(accum) == list(range(1, 13))
+    for step in one:
+        assert accum[step] == pytest.approx(one[step], rel=1e-5), step
+    assert_same_weights(weights(runs["one"]), weights(runs["accum"]), exact=False)
+
+
+def test_sigkill_and_resume_with_accumulation_and_dropout_is_bitwise_exact(prepared, tmp_path):
+    args = ["train", *prepared, *TINY_TRAIN, *COMMON, *ONE_RANK, "trainer.micro_batch_size=2", "model.dropout=0.2"]
+    run_cli([*args, "run_name=ref"], cwd=tmp_path)
+    killed = run_cli([*args, "run_name=job"], cwd=tmp_path, env={"LMTRAIN_FAULT": "kill_after_checkpoint:6"}, check=False)
+    assert killed.returncode == -9
+    run_cli([*args, "run_name=job"], cwd=tmp_path)
+    ref, job = losses_by_step(tmp_path / "runs" / "ref"), losses_by_step(tmp_path / "runs" / "job")
+    assert [job[s] for s in range(1, 13)] == [ref[s] for s in range(1, 13)]
+    assert_same_weights(weights(tmp_path / "runs" / "ref"), weights(tmp_path / "runs" / "job"), exact=True)
+
+
+def test_multinode_launcher_requires_a_shared_run_name(tmp_path):
+    proc = subprocess.run([str(REPO / "launch" / "multinode.sh"), "--nodes", "2", "--node-rank", "0", "--master",
+                           "127.0.0.1", "--", "true"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "--run-name" in proc.stderr
+    bad = subprocess.run([str(REPO / "launch" / "multinode.sh"), "--nodes", "2", "--node-rank", "2", "--master",
+                          "127.0.0.1", "--run-name", "x", "--", "true"], capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 2 and "--node-rank 2 must be in 0..1" in bad.stderr
 
 
 def test_sigkill_and_resume_on_two_ranks_is_bitwise_exact(prepared, runs, tmp_path):
