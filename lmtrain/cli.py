@@ -22,6 +22,7 @@ COMMANDS = {
     "train": "pretrain a model (model=..., data=..., trainer.max_steps=...)",
     "generate": "sample text from a checkpoint (ckpt=... prompt=...)",
     "eval": "val loss, perplexity and bits per byte of a checkpoint (ckpt=...)",
+    "submit": "render, check and sbatch a training job (cluster=<site> slurm.nodes=... [--dry-run])",
     "plan": "per-GPU memory of a model, strategy and batch; the cheapest strategy that fits",
     "export": "consolidate any strategy's checkpoint into one state dict (ckpt=... format=torch|safetensors)",
 }
@@ -63,6 +64,12 @@ def _export(cfg: DictConfig) -> None:
     run(to_typed(cfg))
 
 
+def _submit(cfg: DictConfig) -> None:
+    from lmtrain.submit import run
+
+    run(to_typed(cfg), list(HydraConfig.get().overrides.task))
+
+
 def _plan(cfg: DictConfig) -> None:
     from lmtrain.distributed.plan import run
 
@@ -70,7 +77,8 @@ def _plan(cfg: DictConfig) -> None:
 
 
 _APPS: dict[str, Callable[[DictConfig], None]] = {"prepare": _prepare, "train": _train, "generate": _generate, "eval": _eval,
-                                                 "export": _export, "plan": _plan}
+                                                 "export": _export, "plan": _plan,
+                                                 "submit": _submit}
 
 
 def _report_errors(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
@@ -110,5 +118,6 @@ def main(argv: list[str] | None = None) -> None:
     os.environ[_COMMAND_ENV] = command
     register_configs()
     app = hydra.main(config_path=str(conf_dir()), config_name=command, version_base="1.3")(_report_errors(_APPS[command]))
+    rest = ["dry_run=true" if a == "--dry-run" else a for a in rest] if command == "submit" else rest
     sys.argv = [sys.argv[0], *rest]  # Hydra parses sys.argv
     app()

@@ -209,6 +209,14 @@ def default_run_name(explicit: Optional[str]) -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)  # two runs started in one second stay apart
 
 
+def launcher_rank() -> int:
+    """This process's global rank as the launcher set it (srun, torchrun); 0 when none did."""
+    for var in ("SLURM_PROCID", "RANK"):
+        if var in os.environ and ("SLURM_STEP_ID" in os.environ or var == "RANK"):
+            return int(os.environ[var])
+    return 0
+
+
 def conf_dir() -> Path:
     """conf/ inside an installed wheel, or at the top of a checkout."""
     packaged = Path(__file__).parent / "conf"
@@ -225,8 +233,15 @@ def register_configs() -> None:
     from lmtrain.distributed.plan import PlanConfig  # here: plan.py imports TrainerConfig from this module
 
     cs.store(name="plan_schema", node=PlanConfig)
+    from lmtrain.submit import SubmitConfig  # here too: submit.py extends TrainConfig
+
+    cs.store(name="submit_schema", node=SubmitConfig)
     if not OmegaConf.has_resolver("lmtrain_run_name"):
         OmegaConf.register_new_resolver("lmtrain_run_name", default_run_name, use_cache=True)
+    if not OmegaConf.has_resolver("lmtrain_output_subdir"):
+        # Hydra's .hydra/ copy of the config: written by the job's first process only (srun and
+        # torchrun start every rank as its own Hydra app in the same run dir).
+        OmegaConf.register_new_resolver("lmtrain_output_subdir", lambda: None if launcher_rank() else ".hydra")
 
 
 def to_typed(cfg: DictConfig) -> Any:

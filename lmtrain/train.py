@@ -7,6 +7,8 @@ resumes from the newest valid checkpoint of the run, trains, and prints a summar
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import importlib.util
 import sys
 import time
@@ -19,6 +21,7 @@ import yaml
 
 from lmtrain import __version__
 from lmtrain.callbacks.checkpoint import StepCheckpoint
+from lmtrain.callbacks.requeue import RequeueOnSignal
 from lmtrain.callbacks.step_metrics import StepMetrics
 from lmtrain.checkpoint import (
     AtomicCheckpointIO,
@@ -39,6 +42,7 @@ from lmtrain.data.prepare import DatasetMeta, load_prepared, prepared_dir
 from lmtrain.data.tokenizers import TOKENIZER_FILE, load_tokenizer
 from lmtrain.distributed.parallelize import apply_activation_checkpointing, apply_compile
 from lmtrain.distributed.rank import is_rank_zero, say
+from lmtrain.distributed.slurm_env import check_slurm_environment, in_slurm_job
 from lmtrain.distributed.config import ShardingKind, StrategyKind
 from lmtrain.distributed.fsdp import apply_fsdp, build_fsdp_mesh
 from lmtrain.distributed.strategy import build_strategy, resolve_kind
@@ -151,6 +155,7 @@ def write_run_files(run_dir: Path, record: dict, data_dir: Path) -> None:
 
 def run(cfg: TrainConfig, record: dict, run_dir: Path) -> None:
     started = time.perf_counter()
+    check_slurm_environment(devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes)
     data_dir = prepared_dir(cfg.data, cfg.tokenizer)
     prepared = load_prepared(data_dir)
     meta = prepared.meta
@@ -212,6 +217,8 @@ def run(cfg: TrainConfig, record: dict, run_dir: Path) -> None:
     write_run_files(run_dir, record, data_dir)
     tokens_per_step = global_batch * tcfg.seq_len
     progress_bar = sys.stdout.isatty() if tcfg.progress_bar is None else tcfg.progress_bar
+    checkpoints = StepCheckpoint(ckpt_dir, every_n_steps=tcfg.ckpt_every_steps, keep_last=tcfg.keep_last_checkpoints)
+    callbacks, plugins = build_cluster_hooks(checkpoints if tcfg.checkpoint else None)
     metrics = StepMetrics(
         log_every_steps=tcfg.log_every_steps, max_steps=tcfg.max_steps, tokens_per_step=tokens_per_step,
         flops_per_token=task.model.flops_per_token(tcfg.seq_len), peak_flops_per_device=peak_flops(tcfg),
@@ -225,9 +232,8 @@ def run(cfg: TrainConfig, record: dict, run_dir: Path) -> None:
         use_distributed_sampler=False,  # our sampler deals disjoint, resumable slices itself
         logger=build_loggers(cfg.logger, run_dir, record=record, wandb_run_id=wandb_run_id,
                                            resume_step=resume_step), enable_checkpointing=False,
-        callbacks=[metrics] + ([StepCheckpoint(ckpt_dir, every_n_steps=tcfg.ckpt_every_steps, keep_last=tcfg.keep_last_checkpoints)]
-                               if tcfg.checkpoint else []),
-        plugins=[AtomicCheckpointIO()], enable_progress_bar=progress_bar, enable_model_summary=False,
+        callbacks=[metrics, *([checkpoints] if tcfg.checkpoint else []), *callbacks],
+        plugins=[AtomicCheckpointIO(), *plugins], enable_progress_bar=progress_bar, enable_model_summary=False,
         default_root_dir=run_dir, log_every_n_steps=tcfg.log_every_steps,
     )
     say(
@@ -247,6 +253,21 @@ def run(cfg: TrainConfig, record: dict, run_dir: Path) -> None:
         )
     if trainer.is_global_zero:
         summarize(task, metrics, prepared, model_cfg, tcfg, time.perf_counter() - started, run_dir)
+
+
+def build_cluster_hooks(checkpoints: StepCheckpoint | None) -> tuple[list, list]:
+    """Under srun: lmtrain's own requeue-on-signal (save outside the signal handler, at a step
+    boundary) instead of Lightning's, which saves inside the handler."""
+    if not (in_slurm_job() and "SLURM_STEP_ID" in os.environ):
+        return [], []
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    plugins = [SLURMEnvironment(auto_requeue=False)]
+    if checkpoints is None:
+        return [], plugins
+    signum = getattr(signal, "SIG" + os.environ.get("LMTRAIN_REQUEUE_SIGNAL", "USR1"))
+    max_requeues = int(os.environ.get("LMTRAIN_MAX_REQUEUES", "50"))
+    return [RequeueOnSignal(checkpoints, signum=signum, max_requeues=max_requeues)], plugins
 
 
 def setup_fsdp(task: CausalLMTask, scfg, tcfg: TrainerConfig, precision: str, on_cpu: bool) -> str:

@@ -11,7 +11,7 @@ import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from conftest import TINY_TRAIN, compose, data_overrides, train_in_process, write_corpus
+from lmtrain_testing import TINY_TRAIN, compose, data_overrides, train_in_process, write_corpus
 from lmtrain.checkpoint import CheckpointError
 from lmtrain.config import to_typed
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CHILD_ENV, REPO, TINY_TRAIN, compose, run_cli
+from lmtrain_testing import CHILD_ENV, REPO, TINY_TRAIN, compose, run_cli
 from lmtrain.config import conf_dir, to_typed
 
 pytestmark = pytest.mark.slow

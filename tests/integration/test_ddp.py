@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CHILD_ENV, REPO, TINY_TRAIN, losses_by_step, run_cli
+from lmtrain_testing import CHILD_ENV, REPO, TINY_TRAIN, losses_by_step, run_cli
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

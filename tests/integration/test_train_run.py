@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_TRAIN, losses_by_step, run_cli, train_in_process
+from lmtrain_testing import TINY_TRAIN, losses_by_step, run_cli, train_in_process
 
 pytestmark = pytest.mark.slow
 

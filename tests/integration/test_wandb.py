@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_TRAIN, losses_by_step, run_cli
+from lmtrain_testing import TINY_TRAIN, losses_by_step, run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -168,7 +168,7 @@ def test_plan_config_rejects_a_seq_len_beyond_the_model_and_two_vocab_sizes():
 def compose_plan(overrides: list[str]) -> PlanConfig:
     from hydra.core.config_store import ConfigStore
 
-    from conftest import compose
+    from lmtrain_testing import compose
     from lmtrain.config import to_typed
 
     ConfigStore.instance().store(name="plan_schema", node=PlanConfig)  # until lmtrain.config registers it
