@@ -23,6 +23,7 @@ COMMANDS = {
     "generate": "sample text from a checkpoint (ckpt=... prompt=...)",
     "eval": "val loss, perplexity and bits per byte of a checkpoint (ckpt=...)",
     "submit": "render, check and sbatch a training job (cluster=<site> slurm.nodes=... [--dry-run])",
+    "sweep": "a resumable Optuna search whose trials are lmtrain runs (sweep=<spec> launcher=local|slurm)",
     "plan": "per-GPU memory of a model, strategy and batch; the cheapest strategy that fits",
     "export": "consolidate any strategy's checkpoint into one state dict (ckpt=... format=torch|safetensors)",
 }
@@ -70,6 +71,12 @@ def _submit(cfg: DictConfig) -> None:
     run(to_typed(cfg), list(HydraConfig.get().overrides.task))
 
 
+def _sweep(cfg: DictConfig) -> None:
+    from lmtrain.sweep import run
+
+    run(to_typed(cfg))
+
+
 def _plan(cfg: DictConfig) -> None:
     from lmtrain.distributed.plan import run
 
@@ -78,7 +85,7 @@ def _plan(cfg: DictConfig) -> None:
 
 _APPS: dict[str, Callable[[DictConfig], None]] = {"prepare": _prepare, "train": _train, "generate": _generate, "eval": _eval,
                                                  "export": _export, "plan": _plan,
-                                                 "submit": _submit}
+                                                 "submit": _submit, "sweep": _sweep}
 
 
 def _report_errors(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:

@@ -236,6 +236,9 @@ def register_configs() -> None:
     from lmtrain.submit import SubmitConfig  # here too: submit.py extends TrainConfig
 
     cs.store(name="submit_schema", node=SubmitConfig)
+    from lmtrain.sweep import SweepConfig
+
+    cs.store(name="sweep_schema", node=SweepConfig)
     if not OmegaConf.has_resolver("lmtrain_run_name"):
         OmegaConf.register_new_resolver("lmtrain_run_name", default_run_name, use_cache=True)
     if not OmegaConf.has_resolver("lmtrain_output_subdir"):

@@ -76,6 +76,7 @@ NEEDS = {("data", "text_files"): ["data.paths=[x.txt]"], ("data", "jsonl_files")
 
 @pytest.mark.parametrize("group,option", all_group_options())
 def test_every_preset_and_experiment_composes(group, option):
-    config = "prepare" if group in ("data", "tokenizer") else "train"
+    config = {"data": "prepare", "tokenizer": "prepare", "cluster": "submit", "sweep": "sweep", "launcher": "sweep"}.get(
+        group, "train")
     typed = to_typed(compose(config, [f"{group}={option}", *NEEDS.get((group, option), [])]))
     assert getattr(typed, group) is not None if hasattr(typed, group) else typed.model.name
