@@ -43,8 +43,9 @@ class PlotConfig:
 
 @dataclass
 class SweepReportConfig:
-    sweep: str = "???"
-    """A sweep directory (sweeps/<name>) holding trials.jsonl."""
+    sweep_dir: str = "???"
+    """A sweep directory (sweeps/<name>) holding trials.jsonl. Not `sweep`: that is the config group
+    of `lmtrain sweep` (conf/sweep/), and Hydra reads `sweep=...` as a choice in that group."""
 
 
 # ---------------------------------------------------------------------------------------- plot
@@ -188,8 +189,8 @@ def load_trials(sweep_dir: Path) -> list[dict]:
     path = sweep_dir / "trials.jsonl"
     if not path.is_file():
         where = "" if sweep_dir.is_dir() else f" (the directory '{sweep_dir}' does not exist either)"
-        raise FileNotFoundError(f"'{path}' does not exist{where}; pass sweep=sweeps/<name>, a directory the sweep "
-                                "driver writes")
+        raise FileNotFoundError(f"'{path}' does not exist{where}; pass sweep_dir=sweeps/<name>, a directory "
+                                "'lmtrain sweep' writes")
     by_number: dict[int, dict] = {}
     for lineno, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -309,8 +310,8 @@ def run_plot(cfg: PlotConfig) -> list[Path]:
 
 
 def run_sweep_report(cfg: SweepReportConfig) -> tuple[list[dict], list[Path]]:
-    rows, written = sweep_report(Path(cfg.sweep))
-    report_dir = Path(cfg.sweep) / "report"
+    rows, written = sweep_report(Path(cfg.sweep_dir))
+    report_dir = Path(cfg.sweep_dir) / "report"
     print(f"wrote {report_dir / 'trials.csv'} and {len(written)} plots to {report_dir}", flush=True)
     return rows, written
 

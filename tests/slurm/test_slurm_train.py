@@ -98,3 +98,18 @@ def test_a_dying_rank_fails_the_job_without_requeue_and_keeps_the_checkpoint(slu
     assert slurm_cluster.job(job).get("Restarts", "0") == "0"
     last = run_dir / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 4
+
+
+def test_sweep_runs_its_trials_as_slurm_jobs(slurm_cluster, prepared, tmp_path):
+    overrides = [*prepared, *TINY_TRAIN, "trainer.max_steps=8", "trainer.val_every_steps=4", "trainer.accelerator=cpu"]
+    submit = [f"cluster.command={sys.executable} -m lmtrain", "slurm.nodes=1", "slurm.gpus_per_node=1", "slurm.time=10:00"]
+    out = run_cli(["sweep", "sweep.name=sl", "sweep.n_trials=2", "sweep.pruner=none", f"sweep.sweeps_dir={tmp_path}",
+                   "sweep.params=['optim.lr: loguniform(1e-3, 1e-2)']", "launcher=slurm", "launcher.parallel=2",
+                   "launcher.poll_s=1", "sweep.overrides=[" + ",".join(f"'{o}'" for o in overrides) + "]",
+                   "launcher.submit_overrides=[" + ",".join(f"'{o}'" for o in submit) + "]"],
+                  cwd=tmp_path, env=slurm_cluster.env, timeout=400).stdout
+    runs = tmp_path / "sl" / "runs"
+    for n in (0, 1):
+        assert list((runs / f"trial-{n}").glob("slurm-*.out")), f"trial {n} did not run as a SLURM job"
+        assert sorted(losses_by_step(runs / f"trial-{n}")) == list(range(1, 9))
+    assert "best: trial" in out

@@ -224,7 +224,7 @@ def test_conf_plot_and_sweep_report_compose_to_their_schemas(tmp_path, capsys):
     assert isinstance(plot_cfg, PlotConfig)
     assert run_plot(plot_cfg)[0] == tmp_path / "png" / "curves.png"
     write_trials(tmp_path / "sweep", SWEEP)
-    sweep_cfg = to_typed(compose("sweep_report", [f"sweep={tmp_path / 'sweep'}"]))
+    sweep_cfg = to_typed(compose("sweep_report", [f"sweep_dir={tmp_path / 'sweep'}"]))
     assert isinstance(sweep_cfg, SweepReportConfig)
     rows, _ = run_sweep_report(sweep_cfg)
     assert rows[0]["number"] == 1
