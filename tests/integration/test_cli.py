@@ -80,3 +80,12 @@ def test_every_preset_and_experiment_composes(group, option):
         group, "train")
     typed = to_typed(compose(config, [f"{group}={option}", *NEEDS.get((group, option), [])]))
     assert getattr(typed, group) is not None if hasattr(typed, group) else typed.model.name
+
+
+def test_multirun_grid_gives_each_trial_its_own_run_dir(prepared, tmp_path):
+    out = run_cli(["train", "-m", *prepared, *TINY_TRAIN, "trainer.max_steps=2", "trainer.val_every_steps=100",
+                   "optim.lr=1e-3,3e-3", "run_name=grid"], cwd=tmp_path).stdout
+    grid = tmp_path / "runs" / "grid"
+    assert sorted(p.name for p in grid.iterdir() if p.is_dir()) == ["trial0", "trial1"]
+    lrs = [__import__("yaml").safe_load((grid / t / "config.yaml").read_text())["optim"]["lr"] for t in ("trial0", "trial1")]
+    assert lrs == [1e-3, 3e-3] and "trained to step 2" in out

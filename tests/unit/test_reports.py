@@ -60,14 +60,6 @@ def test_plot_run_writes_fixed_size_pngs_into_run_plots(tmp_path):
     assert all(image_shape(p) == (400, 600, 4) for p in written[1:])
 
 
-def test_plot_run_out_dir(tmp_path):
-    run_dir = tmp_path / "r1"
-    write_metrics(run_dir)
-    written = plot_run(run_dir, tmp_path / "elsewhere")
-    assert (tmp_path / "elsewhere" / "curves.png") in written
-    assert not (run_dir / "plots").exists()
-
-
 def test_curves_draw_train_and_val_loss_on_one_axis_and_lr_tokens_per_s(tmp_path):
     rows = write_metrics(tmp_path / "r", max_steps=200, val_every=50)
     fig = build_curves_figure(load_run_metrics(tmp_path / "r"))
@@ -222,7 +214,8 @@ def test_conf_plot_and_sweep_report_compose_to_their_schemas(tmp_path, capsys):
     write_metrics(run_dir)
     plot_cfg = to_typed(compose("plot", [f"run={run_dir}", f"out={tmp_path / 'png'}"]))
     assert isinstance(plot_cfg, PlotConfig)
-    assert run_plot(plot_cfg)[0] == tmp_path / "png" / "curves.png"
+    assert run_plot(plot_cfg)[0] == tmp_path / "png" / "curves.png"  # out= replaces <run>/plots
+    assert not (run_dir / "plots").exists()
     write_trials(tmp_path / "sweep", SWEEP)
     sweep_cfg = to_typed(compose("sweep_report", [f"sweep_dir={tmp_path / 'sweep'}"]))
     assert isinstance(sweep_cfg, SweepReportConfig)
