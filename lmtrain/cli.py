@@ -24,6 +24,8 @@ COMMANDS = {
     "eval": "val loss, perplexity and bits per byte of a checkpoint (ckpt=...)",
     "submit": "render, check and sbatch a training job (cluster=<site> slurm.nodes=... [--dry-run])",
     "sweep": "a resumable Optuna search whose trials are lmtrain runs (sweep=<spec> launcher=local|slurm)",
+    "plot": "PNG curves of a run's loss, lr, tokens/s and grad norm (run=runs/<run> [out=DIR])",
+    "sweep-report": "a sweep's trials best first, trials.csv and objective-vs-parameter plots (sweep_dir=sweeps/<name>)",
     "plan": "per-GPU memory of a model, strategy and batch; the cheapest strategy that fits",
     "export": "consolidate any strategy's checkpoint into one state dict (ckpt=... format=torch|safetensors)",
 }
@@ -77,6 +79,18 @@ def _sweep(cfg: DictConfig) -> None:
     run(to_typed(cfg))
 
 
+def _plot(cfg: DictConfig) -> None:
+    from lmtrain.reports import run_plot
+
+    run_plot(to_typed(cfg))
+
+
+def _sweep_report(cfg: DictConfig) -> None:
+    from lmtrain.reports import run_sweep_report
+
+    run_sweep_report(to_typed(cfg))
+
+
 def _plan(cfg: DictConfig) -> None:
     from lmtrain.distributed.plan import run
 
@@ -85,7 +99,8 @@ def _plan(cfg: DictConfig) -> None:
 
 _APPS: dict[str, Callable[[DictConfig], None]] = {"prepare": _prepare, "train": _train, "generate": _generate, "eval": _eval,
                                                  "export": _export, "plan": _plan,
-                                                 "submit": _submit, "sweep": _sweep}
+                                                 "submit": _submit, "sweep": _sweep, "plot": _plot,
+                                                 "sweep-report": _sweep_report}
 
 
 def _report_errors(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
@@ -109,7 +124,7 @@ def _report_errors(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], N
 
 def usage() -> str:
     lines = ["usage: lmtrain <command> [GROUP=OPTION] [KEY=VALUE ...]   (lmtrain <command> --help for its options)", ""]
-    lines += [f"  {name:<9} {text}" for name, text in COMMANDS.items()]
+    lines += [f"  {name:<12} {text}" for name, text in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -124,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     os.environ[_COMMAND_ENV] = command
     register_configs()
-    app = hydra.main(config_path=str(conf_dir()), config_name=command, version_base="1.3")(_report_errors(_APPS[command]))
+    app = hydra.main(config_path=str(conf_dir()), config_name=command.replace("-", "_"), version_base="1.3")(_report_errors(_APPS[command]))
     rest = ["dry_run=true" if a == "--dry-run" else a for a in rest] if command == "submit" else rest
     sys.argv = [sys.argv[0], *rest]  # Hydra parses sys.argv
     app()

@@ -239,6 +239,10 @@ def register_configs() -> None:
     from lmtrain.sweep import SweepConfig
 
     cs.store(name="sweep_schema", node=SweepConfig)
+    from lmtrain.reports import PlotConfig, SweepReportConfig  # matplotlib itself is imported only to draw
+
+    cs.store(name="plot_schema", node=PlotConfig)
+    cs.store(name="sweep_report_schema", node=SweepReportConfig)
     if not OmegaConf.has_resolver("lmtrain_run_name"):
         OmegaConf.register_new_resolver("lmtrain_run_name", default_run_name, use_cache=True)
     if not OmegaConf.has_resolver("lmtrain_output_subdir"):

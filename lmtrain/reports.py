@@ -115,6 +115,8 @@ def build_curves_figure(rows: list[dict], title: str = "") -> Figure:
     axes = fig.subplots(2, 2, sharex=True).flatten()
     for ax, panel in zip(axes, PANELS):
         _draw_panel(ax, panel, rows)
+    for ax in axes[:2]:
+        ax.set_xlabel("")  # the x axis is shared: "step" once, under the bottom row
     if title:
         fig.suptitle(title)
     fig.tight_layout()

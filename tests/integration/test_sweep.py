@@ -40,6 +40,10 @@ def test_three_trials_finish_with_a_best(prepared, tmp_path):
     assert f"best: trial {best['number']}" in out
     lrs = [t["params"]["optim.lr"] for t in final.values()]
     assert len(set(lrs)) == 3 and all(1e-3 <= lr <= 1e-2 for lr in lrs)
+    from lmtrain.reports import sweep_report
+
+    rows, pngs = sweep_report(sweep_dir)  # the report reads what the real sweep wrote
+    assert len(rows) == 3 and [p.name for p in pngs] == ["objective_vs_optim.lr.png"]
 
 
 def test_a_killed_sweep_resumes_the_running_trial_and_finishes(prepared, tmp_path):

@@ -140,8 +140,8 @@ def test_sweep_report_ranks_best_first_marks_best_and_writes_csv(tmp_path, capsy
 
 
 def test_sweep_report_maximize_puts_the_highest_first(tmp_path, capsys):
-    write_trials(tmp_path, [trial(0, 1e-3, 64, 0.41, direction="maximize"), trial(1, 2e-3, 64, 0.58, direction="maximize"),
-                            trial(2, 4e-3, 64, 0.50, direction="maximize")])
+    write_trials(tmp_path, [trial(n, 1e-3 * (n + 1), 64, value, direction="maximize")
+                            for n, value in enumerate([0.41, 0.58, 0.50])])
     rows, _ = sweep_report(tmp_path)
     assert [r["number"] for r in rows] == [1, 2, 0] and rows[0]["best"]
 
