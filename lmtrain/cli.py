@@ -6,6 +6,7 @@ turns it into the subcommand's typed config and hands that down.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -49,58 +50,38 @@ def _train(cfg: DictConfig) -> None:
     run(typed, to_record(cfg), Path(HydraConfig.get().runtime.output_dir))
 
 
-def _generate(cfg: DictConfig) -> None:
-    from lmtrain.generate import run
-
-    run(to_typed(cfg))
-
-
-def _eval(cfg: DictConfig) -> None:
-    from lmtrain.evaluate import run
-
-    run(to_typed(cfg))
-
-
-def _export(cfg: DictConfig) -> None:
-    from lmtrain.export import run
-
-    run(to_typed(cfg))
-
-
 def _submit(cfg: DictConfig) -> None:
     from lmtrain.submit import run
 
     run(to_typed(cfg), list(HydraConfig.get().overrides.task))
 
 
-def _sweep(cfg: DictConfig) -> None:
-    from lmtrain.sweep import run
-
-    run(to_typed(cfg))
-
-
-def _plot(cfg: DictConfig) -> None:
-    from lmtrain.reports import run_plot
-
-    run_plot(to_typed(cfg))
-
-
-def _sweep_report(cfg: DictConfig) -> None:
-    from lmtrain.reports import run_sweep_report
-
-    run_sweep_report(to_typed(cfg))
+# Commands whose runner takes just their typed config: "module:function", imported on use so that
+# `lmtrain generate` does not pay for the training stack's imports.
+_TYPED_RUNNERS = {
+    "generate": "lmtrain.generate:run",
+    "eval": "lmtrain.evaluate:run",
+    "export": "lmtrain.export:run",
+    "sweep": "lmtrain.sweep:run",
+    "plot": "lmtrain.reports:run_plot",
+    "sweep-report": "lmtrain.reports:run_sweep_report",
+    "plan": "lmtrain.distributed.plan:run",
+}
 
 
-def _plan(cfg: DictConfig) -> None:
-    from lmtrain.distributed.plan import run
+def _typed_runner(target: str) -> Callable[[DictConfig], None]:
+    module, function = target.split(":")
 
-    run(to_typed(cfg))
+    def app(cfg: DictConfig) -> None:
+        getattr(importlib.import_module(module), function)(to_typed(cfg))
+
+    return app
 
 
-_APPS: dict[str, Callable[[DictConfig], None]] = {"prepare": _prepare, "train": _train, "generate": _generate, "eval": _eval,
-                                                 "export": _export, "plan": _plan,
-                                                 "submit": _submit, "sweep": _sweep, "plot": _plot,
-                                                 "sweep-report": _sweep_report}
+_APPS: dict[str, Callable[[DictConfig], None]] = {
+    "prepare": _prepare, "train": _train, "submit": _submit,
+    **{name: _typed_runner(target) for name, target in _TYPED_RUNNERS.items()},
+}
 
 
 def _report_errors(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
