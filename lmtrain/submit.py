@@ -58,7 +58,7 @@ class SlurmConfig:
     nodes: Optional[int] = None
     """None = trainer.num_nodes."""
     gpus_per_node: Optional[int] = None
-    """Tasks (GPUs) per node; None = trainer.devices."""
+    """Tasks (GPUs) per node; None = trainer.devices, or cluster.gpus_per_node when that is left at 1."""
     time: str = "24:00:00"
     job_name: Optional[str] = None
 
@@ -87,7 +87,8 @@ def resolve_layout(cfg: SubmitConfig) -> tuple[int, int]:
     """(nodes, tasks per node); a mismatch with the trainer is refused before anything is submitted."""
     t = cfg.trainer
     nodes = cfg.slurm.nodes or t.num_nodes
-    per_node = cfg.slurm.gpus_per_node or t.devices
+    # Tasks per node: slurm.gpus_per_node, else trainer.devices, else every GPU of the site's nodes.
+    per_node = cfg.slurm.gpus_per_node or (t.devices if t.devices != 1 else cfg.cluster.gpus_per_node or 1)
     if t.devices not in (1, per_node):
         raise ValueError(
             f"slurm.gpus_per_node={per_node} tasks per node but trainer.devices={t.devices}: lmtrain runs one task per "

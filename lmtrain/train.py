@@ -153,94 +153,71 @@ def write_run_files(run_dir: Path, record: dict, data_dir: Path) -> None:
             (tokenizer_dir / name).write_bytes((data_dir / name).read_bytes())
 
 
+def checkpoint_record(record: dict, model_cfg: ModelConfig, meta: DatasetMeta, data_dir: Path, kind: StrategyKind,
+                      world_size: int) -> dict:
+    """What every checkpoint carries besides tensors: enough to rebuild the model, check the data
+    and the layout on resume, and name the W&B run (added once known)."""
+    return {
+        "version": __version__,
+        "config": record,
+        "model_config": {f.name: getattr(getattr(model_cfg, f.name), "value", getattr(model_cfg, f.name))
+                         for f in dataclasses.fields(model_cfg)},
+        "tokenizer_hash": meta.tokenizer_hash,
+        "eos_token": meta.eos_token,
+        "data_dir": str(data_dir),
+        "strategy": kind.name,
+        "world_size": world_size,
+    }
+
+
+def resolve_wandb_run(cfg: TrainConfig, run_dir: Path, ckpt_path: Path | None) -> tuple[int, str | None]:
+    """(the step resumed from, the W&B run id): one W&B run per lmtrain run, its id carried in
+    every checkpoint and in the run dir."""
+    resumed = load_record(ckpt_path) if ckpt_path else {}
+    run_id = resumed.get("lmtrain", {}).get("wandb_run_id") or load_wandb_state(run_dir).get("run_id")
+    if cfg.logger.wandb and run_id is None:
+        run_id = new_wandb_run_id()
+    return int(resumed.get("global_step", 0)), run_id
+
+
 def run(cfg: TrainConfig, record: dict, run_dir: Path) -> None:
     started = time.perf_counter()
-    check_slurm_environment(devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes)
+    tcfg = cfg.trainer
+    check_slurm_environment(devices=tcfg.devices, num_nodes=tcfg.num_nodes)
+    kind = resolve_kind(cfg.strategy, tcfg.world_size)
+    if kind.name.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise ValueError(f"strategy={kind.name} needs DeepSpeed: pip install 'lmtrain[deepspeed]' (DS_BUILD_OPS=0 needs no compiler)")
     data_dir = prepared_dir(cfg.data, cfg.tokenizer)
     prepared = load_prepared(data_dir)
     meta = prepared.meta
     model_cfg = resolve_model_config(cfg.model, meta, data_dir)
     check_token_ids(prepared.train, prepared.val, meta, model_cfg.vocab_size, data_dir)
-    tcfg = cfg.trainer
-    accumulate = tcfg.accumulation()
-    global_batch = tcfg.resolved_global_batch_size()
-
     record = {**record, "model": {**record["model"], "vocab_size": model_cfg.vocab_size}}
-    ckpt_record = {
-        "version": __version__,
-        "config": record,
-        "model_config": {f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(model_cfg)},
-        "tokenizer_hash": meta.tokenizer_hash,
-        "eos_token": meta.eos_token,
-        "data_dir": str(data_dir),
-        "strategy": resolve_kind(cfg.strategy, tcfg.world_size).name,
-        "world_size": tcfg.world_size,
-    }
-    ckpt_record["model_config"] = {k: (v.value if hasattr(v, "value") else v) for k, v in ckpt_record["model_config"].items()}
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    task = CausalLMTask(
-        model_cfg, cfg.optim, cfg.schedule,
-        max_steps=tcfg.max_steps, seed=cfg.seed, grad_clip=tcfg.grad_clip, accumulate=accumulate, record=ckpt_record,
-    )
-    ckpt_dir = run_dir / "checkpoints"
-    kind = resolve_kind(cfg.strategy, tcfg.world_size)
-    ckpt_path = choose_checkpoint(cfg, ckpt_dir, task, strategy_layout(kind))
+    task = CausalLMTask(model_cfg, cfg.optim, cfg.schedule, max_steps=tcfg.max_steps, seed=cfg.seed,
+                        grad_clip=tcfg.grad_clip, accumulate=tcfg.accumulation(),
+                        record=checkpoint_record(record, model_cfg, meta, data_dir, kind, tcfg.world_size))
+    ckpt_path = choose_checkpoint(cfg, run_dir / "checkpoints", task, strategy_layout(kind))
     if cfg.init_from and ckpt_path is None:
         init_weights_from(task, cfg.init_from)
-    # One W&B run per lmtrain run: the id travels in every checkpoint (and the run dir).
-    resumed = load_record(ckpt_path) if ckpt_path else {}
-    resume_step = int(resumed.get("global_step", 0))
-    wandb_run_id = resumed.get("lmtrain", {}).get("wandb_run_id")
-    wandb_run_id = wandb_run_id or load_wandb_state(run_dir).get("run_id")
-    if cfg.logger.wandb and wandb_run_id is None:
-        wandb_run_id = new_wandb_run_id()
-    task.record["wandb_run_id"] = wandb_run_id
+    resume_step, task.record["wandb_run_id"] = resolve_wandb_run(cfg, run_dir, ckpt_path)
     if tcfg.activation_checkpointing:
         apply_activation_checkpointing(task.model)
     if tcfg.compile:
         apply_compile(task.model)
-
     datamodule = LMDataModule(
         data_dir, dtype=meta.dtype, n_train_tokens=meta.n_train_tokens, n_val_tokens=meta.n_val_tokens,
-        seq_len=tcfg.seq_len, micro_batch_size=tcfg.micro_batch_size, global_batch_size=global_batch,
+        seq_len=tcfg.seq_len, micro_batch_size=tcfg.micro_batch_size, global_batch_size=tcfg.resolved_global_batch_size(),
         seed=cfg.seed, val_batches=tcfg.val_batches, num_workers=tcfg.num_workers,
     )
-    if kind.name.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
-        raise ValueError(f"strategy={kind.name} needs DeepSpeed: pip install 'lmtrain[deepspeed]' (DS_BUILD_OPS=0 needs no compiler)")
-    on_cpu = tcfg.accelerator == "cpu" or (tcfg.accelerator == "auto" and not torch.cuda.is_available())
-    strategy = build_strategy(cfg.strategy, world_size=tcfg.world_size, devices_per_node=tcfg.devices,
-                              micro_batch_size=tcfg.micro_batch_size, grad_clip=tcfg.grad_clip, on_cpu=on_cpu)
-    precision = resolve_precision(tcfg)
-    if kind is StrategyKind.fsdp:
-        precision = setup_fsdp(task, cfg.strategy, tcfg, precision, on_cpu)
+    trainer, metrics = build_trainer(cfg, task, run_dir, meta, kind, record=record, resume_step=resume_step)
     write_run_files(run_dir, record, data_dir)
-    tokens_per_step = global_batch * tcfg.seq_len
-    progress_bar = sys.stdout.isatty() if tcfg.progress_bar is None else tcfg.progress_bar
-    checkpoints = StepCheckpoint(ckpt_dir, every_n_steps=tcfg.ckpt_every_steps, keep_last=tcfg.keep_last_checkpoints)
-    callbacks, plugins = build_cluster_hooks(checkpoints if tcfg.checkpoint else None)
-    metrics = StepMetrics(
-        log_every_steps=tcfg.log_every_steps, max_steps=tcfg.max_steps, tokens_per_step=tokens_per_step,
-        flops_per_token=task.model.flops_per_token(tcfg.seq_len), peak_flops_per_device=peak_flops(tcfg),
-        tokens_per_byte=meta.n_val_tokens / max(1, meta.val_bytes), print_lines=not progress_bar,
-    )
-    trainer = L.Trainer(
-        accelerator=tcfg.accelerator, devices=tcfg.devices, num_nodes=tcfg.num_nodes,
-        strategy=strategy, precision=precision,
-        max_steps=tcfg.max_steps, max_epochs=-1, accumulate_grad_batches=accumulate,
-        val_check_interval=tcfg.val_every_steps * accumulate, check_val_every_n_epoch=None, num_sanity_val_steps=0,
-        use_distributed_sampler=False,  # our sampler deals disjoint, resumable slices itself
-        logger=build_loggers(cfg.logger, run_dir, record=record, wandb_run_id=wandb_run_id,
-                                           resume_step=resume_step), enable_checkpointing=False,
-        callbacks=[metrics, *([checkpoints] if tcfg.checkpoint else []), *callbacks],
-        plugins=[AtomicCheckpointIO(), *plugins], enable_progress_bar=progress_bar, enable_model_summary=False,
-        default_root_dir=run_dir, log_every_n_steps=tcfg.log_every_steps,
-    )
     say(
         f"run {run_dir} | model {model_cfg.name}: {task.model.num_parameters():,} parameters | "
-        f"data {data_dir.name}: {meta.n_train_tokens:,} train tokens | global batch {global_batch} x {tcfg.seq_len} tokens "
-        f"(micro {tcfg.micro_batch_size} x {tcfg.world_size} ranks x {accumulate} accumulation) | "
-        f"strategy {kind.name} | precision {precision}"
+        f"data {data_dir.name}: {meta.n_train_tokens:,} train tokens | global batch {tcfg.resolved_global_batch_size()} x "
+        f"{tcfg.seq_len} tokens (micro {tcfg.micro_batch_size} x {tcfg.world_size} ranks x {tcfg.accumulation()} "
+        f"accumulation) | strategy {kind.name} | precision {trainer.precision}"
         + (f" | resuming from {ckpt_path}" if ckpt_path else "")
     )
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -253,6 +230,40 @@ def run(cfg: TrainConfig, record: dict, run_dir: Path) -> None:
         )
     if trainer.is_global_zero:
         summarize(task, metrics, prepared, model_cfg, tcfg, time.perf_counter() - started, run_dir)
+
+
+def build_trainer(cfg: TrainConfig, task: CausalLMTask, run_dir: Path, meta: DatasetMeta, kind: StrategyKind, *,
+                  record: dict, resume_step: int) -> tuple[L.Trainer, StepMetrics]:
+    tcfg = cfg.trainer
+    on_cpu = tcfg.accelerator == "cpu" or (tcfg.accelerator == "auto" and not torch.cuda.is_available())
+    strategy = build_strategy(cfg.strategy, world_size=tcfg.world_size, devices_per_node=tcfg.devices,
+                              micro_batch_size=tcfg.micro_batch_size, grad_clip=tcfg.grad_clip, on_cpu=on_cpu)
+    precision = resolve_precision(tcfg)
+    if kind is StrategyKind.fsdp:
+        precision = setup_fsdp(task, cfg.strategy, tcfg, precision, on_cpu)
+    progress_bar = sys.stdout.isatty() if tcfg.progress_bar is None else tcfg.progress_bar
+    checkpoints = StepCheckpoint(run_dir / "checkpoints", every_n_steps=tcfg.ckpt_every_steps,
+                                 keep_last=tcfg.keep_last_checkpoints)
+    cluster_callbacks, plugins = build_cluster_hooks(checkpoints if tcfg.checkpoint else None)
+    metrics = StepMetrics(
+        log_every_steps=tcfg.log_every_steps, max_steps=tcfg.max_steps,
+        tokens_per_step=tcfg.resolved_global_batch_size() * tcfg.seq_len,
+        flops_per_token=task.model.flops_per_token(tcfg.seq_len), peak_flops_per_device=peak_flops(tcfg),
+        tokens_per_byte=meta.n_val_tokens / max(1, meta.val_bytes), print_lines=not progress_bar,
+    )
+    accumulate = tcfg.accumulation()
+    trainer = L.Trainer(
+        accelerator=tcfg.accelerator, devices=tcfg.devices, num_nodes=tcfg.num_nodes, strategy=strategy,
+        precision=precision, max_steps=tcfg.max_steps, max_epochs=-1, accumulate_grad_batches=accumulate,
+        val_check_interval=tcfg.val_every_steps * accumulate, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # our sampler deals disjoint, resumable slices itself
+        logger=build_loggers(cfg.logger, run_dir, record=record, wandb_run_id=task.record["wandb_run_id"],
+                             resume_step=resume_step),
+        enable_checkpointing=False, callbacks=[metrics, *([checkpoints] if tcfg.checkpoint else []), *cluster_callbacks],
+        plugins=[AtomicCheckpointIO(), *plugins], enable_progress_bar=progress_bar, enable_model_summary=False,
+        default_root_dir=run_dir, log_every_n_steps=tcfg.log_every_steps,
+    )
+    return trainer, metrics
 
 
 def build_cluster_hooks(checkpoints: StepCheckpoint | None) -> tuple[list, list]:

@@ -97,3 +97,14 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(prepared, tmp_path, ca
     assert "resuming from" in out and "step-00000004.ckpt" in out
     assert "step-00000008.ckpt" in caplog.text and "cannot be read" in caplog.text
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+
+
+def test_compile_and_activation_checkpointing_match_eager_and_keep_clean_keys(prepared, tmp_path):
+    base = [*prepared, *TINY_TRAIN, "trainer.max_steps=4", "trainer.val_every_steps=100", "model.dropout=0.0"]
+    eager = train_in_process(base, tmp_path / "eager")
+    both = train_in_process([*base, "trainer.compile=true", "trainer.activation_checkpointing=true"], tmp_path / "both")
+    keys = torch.load(both / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"].keys()
+    assert not [k for k in keys if "_orig_mod" in k or "checkpoint" in k]
+    assert keys == torch.load(eager / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"].keys()
+    a, b = losses_by_step(eager), losses_by_step(both)
+    assert [b[s] for s in range(1, 5)] == pytest.approx([a[s] for s in range(1, 5)], rel=1e-4)

@@ -113,3 +113,26 @@ def test_sweep_runs_its_trials_as_slurm_jobs(slurm_cluster, prepared, tmp_path):
         assert list((runs / f"trial-{n}").glob("slurm-*.out")), f"trial {n} did not run as a SLURM job"
         assert sorted(losses_by_step(runs / f"trial-{n}")) == list(range(1, 9))
     assert "best: trial" in out
+
+
+def test_time_limit_signal_requeues_and_the_job_completes(slurm_cluster, prepared, tmp_path):
+    """slurm.time=1:00 with a 30 s grace: SLURM itself sends USR1 30 s into each attempt; each
+    attempt saves, requeues and the next continues, until the 1500 steps are done."""
+    steps = 1500
+    job, run_dir = submit(slurm_cluster, prepared, tmp_path, f"trainer.max_steps={steps}", "run_name=limited",
+                          "slurm.time=1:00", "cluster.grace_s=30", "trainer.ckpt_every_steps=100000",
+                          "trainer.log_every_steps=50")
+    deadline = time.monotonic() + 420
+    while time.monotonic() < deadline:
+        info = slurm_cluster.job(job)
+        if info.get("JobState") == "PENDING" and int(info.get("Restarts", "0")) > 0:
+            slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+        if info.get("JobState") in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"):
+            break
+        time.sleep(0.5)
+    info = slurm_cluster.job(job)
+    log = log_of(run_dir, job)
+    assert info.get("JobState") == "COMPLETED", log[-4000:]
+    assert int(info["Restarts"]) >= 1 and "USR1 received: saving at step" in log
+    assert max(losses_by_step(run_dir)) == steps
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == steps
