@@ -119,6 +119,10 @@ def main(argv: list[str] | None = None) -> None:
         print(usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     os.environ[_COMMAND_ENV] = command
+    if command == "train" and "SLURM_JOB_ID" in os.environ:
+        from lmtrain.distributed import preemption  # before torch's import: a signal then must not kill us
+
+        preemption.install(preemption.requeue_signal())
     register_configs()
     app = hydra.main(config_path=str(conf_dir()), config_name=command.replace("-", "_"), version_base="1.3")(_report_errors(_APPS[command]))
     rest = ["dry_run=true" if a == "--dry-run" else a for a in rest] if command == "submit" else rest

@@ -85,6 +85,8 @@ class SweepConfig:
     """How trials start lmtrain; None = this interpreter (`python -m lmtrain`)."""
 
 
+FINAL_STATE_HOLD_S = 10.0
+
 PARAM = re.compile(r"^\s*([\w.]+)\s*:\s*(loguniform|uniform|int|choice)\((.*)\)\s*$")
 
 
@@ -123,6 +125,7 @@ class Running:
     run_dir: Path
     handle: object  # subprocess.Popen (local) or a SLURM job id (slurm)
     reported: int = -1
+    final_seen: float | None = None  # slurm: when a final state was first seen
 
 
 class Sweep:
@@ -179,7 +182,13 @@ class Sweep:
                 out = subprocess.run(["scontrol", "-o", "show", "job", str(r.handle)], capture_output=True, text=True)
                 state = dict(re.findall(r"(\w+)=(\S*)", out.stdout)).get("JobState", "")
                 if state in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", ""):
+                    r.final_seen = None
                     return None if state or out.returncode == 0 else 1
+                # A job that requeues itself passes through FAILED for a moment on its way back to
+                # PENDING: a final state counts once it has held for a while.
+                r.final_seen = r.final_seen or time.monotonic()
+                if time.monotonic() - r.final_seen < FINAL_STATE_HOLD_S:
+                    return None
                 return 0 if state == "COMPLETED" else 1
 
     def stop(self, r: Running) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import importlib.util
 import sys
 import time
@@ -41,6 +40,7 @@ from lmtrain.data.datamodule import LMDataModule
 from lmtrain.data.prepare import DatasetMeta, load_prepared, prepared_dir
 from lmtrain.data.tokenizers import TOKENIZER_FILE, load_tokenizer
 from lmtrain.distributed.parallelize import apply_activation_checkpointing, apply_compile
+from lmtrain.distributed.preemption import requeue_signal
 from lmtrain.distributed.rank import is_rank_zero, say
 from lmtrain.distributed.slurm_env import check_slurm_environment, in_slurm_job
 from lmtrain.distributed.config import ShardingKind, StrategyKind
@@ -276,9 +276,8 @@ def build_cluster_hooks(checkpoints: StepCheckpoint | None) -> tuple[list, list]
     plugins = [SLURMEnvironment(auto_requeue=False)]
     if checkpoints is None:
         return [], plugins
-    signum = getattr(signal, "SIG" + os.environ.get("LMTRAIN_REQUEUE_SIGNAL", "USR1"))
     max_requeues = int(os.environ.get("LMTRAIN_MAX_REQUEUES", "50"))
-    return [RequeueOnSignal(checkpoints, signum=signum, max_requeues=max_requeues)], plugins
+    return [RequeueOnSignal(checkpoints, signum=requeue_signal(), max_requeues=max_requeues)], plugins
 
 
 def setup_fsdp(task: CausalLMTask, scfg, tcfg: TrainerConfig, precision: str, on_cpu: bool) -> str:

@@ -18,23 +18,18 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lmtrain.callbacks.checkpoint import StepCheckpoint
+from lmtrain.distributed.preemption import install, received
 
 
 class RequeueOnSignal(L.Callback):
     def __init__(self, checkpoint: StepCheckpoint, *, signum: int, max_requeues: int) -> None:
         self.checkpoint, self.signum, self.max_requeues = checkpoint, signum, max_requeues
-        self.signalled = False
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        signal.signal(self.signum, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.signalled = True
+        install(signum)  # usually already installed by the CLI; a signal received before is kept
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # only at an optimizer-step boundary
-        flag = torch.tensor(int(self.signalled), device=pl_module.device)
+        flag = torch.tensor(int(received(self.signum)), device=pl_module.device)
         if int(trainer.strategy.reduce(flag, reduce_op="max").item()) == 0:
             return
         step = trainer.global_step
