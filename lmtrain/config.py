@@ -15,7 +15,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 

@@ -110,8 +110,9 @@ def preflight(cfg: SubmitConfig, run_dir: Path) -> list[str]:
     report = [f"layout: {nodes} node(s) x {per_node} task(s) = world size {nodes * per_node}, "
               f"global batch {cfg.trainer.resolved_global_batch_size()} (accumulation {cfg.trainer.accumulation()})"]
     data_dir = prepared_dir(cfg.data, cfg.tokenizer)
-    if not data_dir.is_dir() or (problem := check_prepared(data_dir)):
-        raise ValueError(f"prepared data {data_dir} is missing or incomplete; run `lmtrain prepare` with the same "
+    problem = "it does not exist" if not data_dir.is_dir() else check_prepared(data_dir)
+    if problem:
+        raise ValueError(f"prepared data {data_dir} cannot be used ({problem}); run `lmtrain prepare` with the same "
                          "data.* and tokenizer.* settings first (on a node that sees the same filesystem)")
     report.append(f"data: {data_dir} is prepared")
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -3,13 +3,11 @@ and nothing already on disk is lost."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from omegaconf.errors import ConfigKeyError, ValidationError
 
 from lmtrain_testing import TINY_TRAIN, compose, data_overrides, train_in_process, write_corpus
 from lmtrain.checkpoint import CheckpointError

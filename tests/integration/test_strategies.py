@@ -4,7 +4,6 @@ weights give the logits of the DDP run's model."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch

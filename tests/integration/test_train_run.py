@@ -3,8 +3,6 @@ SIGKILL, and a kill during a checkpoint write loses nothing."""
 
 from __future__ import annotations
 
-import math
-import os
 from pathlib import Path
 
 import pytest

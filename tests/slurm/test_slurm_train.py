@@ -4,7 +4,6 @@ submission, and a job whose rank dies."""
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmtrain_testing import CHILD_ENV, TINY_TRAIN, losses_by_step, run_cli
+from lmtrain_testing import TINY_TRAIN, losses_by_step, run_cli
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.distributed]
 
