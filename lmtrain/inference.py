@@ -28,12 +28,35 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def task_kind(record: dict) -> str:
+    """The task a checkpoint was trained for (checkpoints from before tasks existed: causal_lm)."""
+    return record.get("task", {}).get("kind", "causal_lm")
+
+
 def load_model(ckpt_path: str | Path, device: str = "auto") -> tuple[Transformer, dict]:
     """The plain model of a checkpoint (weights only, eval mode) and the checkpoint's lmtrain record."""
+    model, _, record = load_task_model(ckpt_path, device)
+    return model, record
+
+
+def load_task_model(ckpt_path: str | Path, device: str = "auto") -> tuple[Transformer, torch.nn.Module | None, dict]:
+    """The model, the task head (classify, qa; else None), both in eval mode, and the lmtrain record."""
+    from lmtrain.tasks.heads import LinearHead
+
     record = load_record(Path(ckpt_path))["lmtrain"]
     model_cfg = model_config_from_record(record["model_config"])
     model = Transformer(model_cfg)  # no init_weights(): every weight comes from the checkpoint
     weights = load_weights(Path(ckpt_path))
+    head = None
+    n_outputs = {"classify": len(record.get("task", {}).get("label_names", [])), "qa": 2}.get(task_kind(record))
+    if n_outputs:
+        head = LinearHead(model_cfg.d_model, n_outputs, dropout=0.0, init_std=model_cfg.init_std)
+        head_state = {k.removeprefix("head."): v for k, v in weights.items() if k.startswith("head.")}
+        try:
+            head.load_state_dict(head_state, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint {ckpt_path} holds no complete {task_kind(record)} head: {e}") from e
+        head = head.to(resolve_device(device)).eval()
     state = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
     if model_cfg.tied_embeddings:  # sharded layouts store a tied tensor once
         state.setdefault("lm_head.weight", state.get("tok_embeddings.weight"))
@@ -41,7 +64,12 @@ def load_model(ckpt_path: str | Path, device: str = "auto") -> tuple[Transformer
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {ckpt_path} does not match its own model config: {e}") from e
-    return model.to(resolve_device(device)).eval(), record
+    return model.to(resolve_device(device)).eval(), head, record
+
+
+def decode_text(tokenizer: Tokenizer, ids: list[int]) -> str:
+    """Generated ids as text, without the surrounding whitespace a byte-level BPE puts in front."""
+    return tokenizer.decode(ids).strip()
 
 
 def load_run_tokenizer(ckpt_path: str | Path, record: dict) -> Tokenizer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -64,26 +64,46 @@ class ScheduleConfig:
             raise ValueError(f"schedule.decay_fraction={self.decay_fraction} must be in (0, 1]")
 
 
-def split_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two parameter groups: matrices decay; norms, biases and embeddings do not."""
+def split_decay_groups(model: nn.Module, weight_decay: float, *, lr: float | None = None,
+                       depth_of: Callable[[str], int] | None = None, layer_lr_decay: float = 1.0) -> list[dict]:
+    """Parameter groups: matrices decay; norms, biases and embeddings do not.
+
+    With depth_of (parameter name -> depth below the top, 0 = the head), each depth gets its own
+    groups at lr * layer_lr_decay**depth (layer-wise LR decay, as in ELECTRA and BEiT fine-tuning);
+    the depth is kept in each group as "lr_depth" so a resume can recompute the LRs from the config.
+    Frozen parameters (requires_grad=False) are left out.
+    """
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay, seen = [], [], set()
-    for p in model.parameters():
+    groups: dict[tuple[int, bool], list] = {}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))  # a tied weight appears once
-        (decay if p.ndim >= 2 and id(p) not in embedding_ids else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        decays = p.ndim >= 2 and id(p) not in embedding_ids
+        depth = depth_of(name) if depth_of else 0
+        groups.setdefault((depth, decays), []).append(p)
+    result = []
+    for depth in sorted({d for d, _ in groups}):
+        for decays in (True, False):  # the decay group first: the order checkpoints were written in
+            group = {"params": groups.get((depth, decays), []), "weight_decay": weight_decay if decays else 0.0,
+                     "lr_depth": depth}
+            if lr is not None:
+                group["lr"] = lr * layer_lr_decay**depth
+            if group["params"] or depth_of is None:
+                result.append(group)
+    return result
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = split_decay_groups(model, cfg.weight_decay)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, *, depth_of: Callable[[str], int] | None = None,
+                    layer_lr_decay: float = 1.0) -> torch.optim.Optimizer:
+    groups = split_decay_groups(model, cfg.weight_decay, lr=cfg.lr, depth_of=depth_of, layer_lr_decay=layer_lr_decay)
+    params = [p for g in groups for p in g["params"]]
+    if not params:
+        raise ValueError("no trainable parameters: every parameter is frozen (task.freeze_backbone=true with no head?)")
     match cfg.kind:
         case OptimKind.adamw:
-            on_cuda = next(model.parameters()).is_cuda
+            on_cuda = params[0].is_cuda
             fused = on_cuda if cfg.fused is None else cfg.fused
             return torch.optim.AdamW(
                 groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused

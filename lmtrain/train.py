@@ -6,7 +6,6 @@ resumes from the newest valid checkpoint of the run, trains, and prints a summar
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import importlib.util
 import sys
@@ -18,26 +17,19 @@ import numpy as np
 import torch
 import yaml
 
-from lmtrain import __version__
 from lmtrain.callbacks.checkpoint import StepCheckpoint
 from lmtrain.callbacks.requeue import RequeueOnSignal
 from lmtrain.callbacks.step_metrics import StepMetrics
 from lmtrain.checkpoint import (
     AtomicCheckpointIO,
-    CheckpointError,
     Layout,
     check_compatible,
-    expected_shapes,
     find_resume_checkpoint,
     list_step_checkpoints,
     load_record,
-    load_weights,
-    shape_mismatches,
 )
 from lmtrain.checkpoint.io import remove_stale_temp_files
 from lmtrain.config import TrainConfig, TrainerConfig
-from lmtrain.data.datamodule import LMDataModule
-from lmtrain.data.prepare import DatasetMeta, load_prepared, prepared_dir
 from lmtrain.data.tokenizers import TOKENIZER_FILE, load_tokenizer
 from lmtrain.distributed.parallelize import apply_activation_checkpointing, apply_compile
 from lmtrain.distributed.preemption import requeue_signal
@@ -48,36 +40,12 @@ from lmtrain.distributed.fsdp import apply_fsdp, build_fsdp_mesh
 from lmtrain.distributed.strategy import build_strategy, resolve_kind
 from lmtrain.inference import load_model, sample_text
 from lmtrain.loggers import build_loggers, load_wandb_state, new_wandb_run_id
-from lmtrain.model.config import ModelConfig
-from lmtrain.tasks.causal_lm import CausalLMTask
+from lmtrain.tasks.base import TaskModule
+from lmtrain.tasks.config import TaskKind
+from lmtrain.train_inputs import RunInputs, build_task, checkpoint_record, init_weights_from, run_inputs
 
 # Dense bf16 peak FLOP/s by device-name fragment; Lightning 2.6 does not know the H200.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
-
-
-def resolve_model_config(model: ModelConfig, meta: DatasetMeta, data_dir: Path) -> ModelConfig:
-    """The model's vocabulary from the data, or a check that the data fits the model's."""
-    if model.vocab_size is None:
-        return model.with_vocab(meta.vocab_size)
-    if meta.vocab_size > model.vocab_size:
-        raise ValueError(
-            f"the tokenizer of {data_dir} has {meta.vocab_size} tokens, more than model.vocab_size={model.vocab_size} "
-            f"of model={model.name}; set model.vocab_size={meta.vocab_size} (or null to take it from the data), "
-            "or prepare with a smaller tokenizer.vocab_size"
-        )
-    return model
-
-
-def check_token_ids(train: np.ndarray, val: np.ndarray, meta: DatasetMeta, vocab_size: int, data_dir: Path) -> None:
-    """Token ids must be < vocab_size: the recorded maximum, and a direct look at the first tokens
-    (an out-of-range id would otherwise surface as a device-side assert far from its cause)."""
-    probe = [int(a[: 1 << 20].max()) for a in (train, val) if len(a)]
-    largest = max([meta.max_token_id, *probe])
-    if largest >= vocab_size:
-        raise ValueError(
-            f"{data_dir} holds token id {largest}, out of range for a vocabulary of {vocab_size}; the data was "
-            "prepared with another tokenizer or is damaged: prepare it again (lmtrain prepare ... force=true)"
-        )
 
 
 def resolve_precision(trainer: TrainerConfig) -> str:
@@ -111,7 +79,7 @@ def strategy_layout(kind: StrategyKind) -> Layout:
     return Layout.file
 
 
-def choose_checkpoint(cfg: TrainConfig, ckpt_dir: Path, task: CausalLMTask, layout: Layout) -> Path | None:
+def choose_checkpoint(cfg: TrainConfig, ckpt_dir: Path, task: TaskModule, layout: Layout) -> Path | None:
     checks = {"world_size": cfg.trainer.world_size, "layout": layout, "seed": cfg.seed,
               "tokenizer_hash": task.record["tokenizer_hash"]}
     match cfg.resume:
@@ -131,43 +99,19 @@ def choose_checkpoint(cfg: TrainConfig, ckpt_dir: Path, task: CausalLMTask, layo
             return Path(path)
 
 
-def init_weights_from(task: CausalLMTask, path: str) -> None:
-    """Weights only (any layout), into a run that starts at step 0 with a fresh optimizer."""
-    weights = load_weights(Path(path))
-    shapes, aliases = expected_shapes(task)
-    if problems := shape_mismatches(weights, shapes, aliases):
-        raise CheckpointError(f"init_from={path} does not fit this model:\n  " + "\n  ".join(problems[:20]))
-    task.load_state_dict(weights, strict=False)
-    say(f"initialised weights from {path}")
-
-
-def write_run_files(run_dir: Path, record: dict, data_dir: Path) -> None:
+def write_run_files(run_dir: Path, record: dict, inputs: RunInputs) -> None:
     if not is_rank_zero():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
     tokenizer_dir = run_dir / "tokenizer"
+    if inputs.data_dir is None:  # fine-tuning: the backbone's (or a byte) tokenizer, saved as it is
+        inputs.tokenizer.save(tokenizer_dir)
+        return
     tokenizer_dir.mkdir(exist_ok=True)
     for name in (TOKENIZER_FILE, "tokenizer_config.json"):  # the config names the eos token
-        if (data_dir / name).is_file():
-            (tokenizer_dir / name).write_bytes((data_dir / name).read_bytes())
-
-
-def checkpoint_record(record: dict, model_cfg: ModelConfig, meta: DatasetMeta, data_dir: Path, kind: StrategyKind,
-                      world_size: int) -> dict:
-    """What every checkpoint carries besides tensors: enough to rebuild the model, check the data
-    and the layout on resume, and name the W&B run (added once known)."""
-    return {
-        "version": __version__,
-        "config": record,
-        "model_config": {f.name: getattr(getattr(model_cfg, f.name), "value", getattr(model_cfg, f.name))
-                         for f in dataclasses.fields(model_cfg)},
-        "tokenizer_hash": meta.tokenizer_hash,
-        "eos_token": meta.eos_token,
-        "data_dir": str(data_dir),
-        "strategy": kind.name,
-        "world_size": world_size,
-    }
+        if (inputs.data_dir / name).is_file():
+            (tokenizer_dir / name).write_bytes((inputs.data_dir / name).read_bytes())
 
 
 def resolve_wandb_run(cfg: TrainConfig, run_dir: Path, ckpt_path: Path | None) -> tuple[int, str | None]:
@@ -187,40 +131,33 @@ def run(cfg: TrainConfig, record: dict, run_dir: Path) -> None:
     kind = resolve_kind(cfg.strategy, tcfg.world_size)
     if kind.name.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         raise ValueError(f"strategy={kind.name} needs DeepSpeed: pip install 'lmtrain[deepspeed]' (DS_BUILD_OPS=0 needs no compiler)")
-    data_dir = prepared_dir(cfg.data, cfg.tokenizer)
-    prepared = load_prepared(data_dir)
-    meta = prepared.meta
-    model_cfg = resolve_model_config(cfg.model, meta, data_dir)
-    check_token_ids(prepared.train, prepared.val, meta, model_cfg.vocab_size, data_dir)
-    record = {**record, "model": {**record["model"], "vocab_size": model_cfg.vocab_size}}
+    inputs = run_inputs(cfg)
+    model_cfg = inputs.model_cfg
+    record = {**record, "model": {**record["model"], **({"vocab_size": model_cfg.vocab_size} if cfg.task.kind.pretraining
+                                                         else {"name": model_cfg.name, "vocab_size": model_cfg.vocab_size})}}
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    task = CausalLMTask(model_cfg, cfg.optim, cfg.schedule, max_steps=tcfg.max_steps, seed=cfg.seed,
-                        grad_clip=tcfg.grad_clip, accumulate=tcfg.accumulation(),
-                        record=checkpoint_record(record, model_cfg, meta, data_dir, kind, tcfg.world_size))
+    task = build_task(cfg, inputs, checkpoint_record(record, inputs, kind, tcfg.world_size, cfg.task.kind))
     ckpt_path = choose_checkpoint(cfg, run_dir / "checkpoints", task, strategy_layout(kind))
     if cfg.init_from and ckpt_path is None:
-        init_weights_from(task, cfg.init_from)
+        init_weights_from(task, cfg.init_from, inputs.tokenizer_hash)
     resume_step, task.record["wandb_run_id"] = resolve_wandb_run(cfg, run_dir, ckpt_path)
     if tcfg.activation_checkpointing:
         apply_activation_checkpointing(task.model)
     if tcfg.compile:
         apply_compile(task.model)
-    datamodule = LMDataModule(
-        data_dir, dtype=meta.dtype, n_train_tokens=meta.n_train_tokens, n_val_tokens=meta.n_val_tokens,
-        seq_len=tcfg.seq_len, micro_batch_size=tcfg.micro_batch_size, global_batch_size=tcfg.resolved_global_batch_size(),
-        seed=cfg.seed, val_batches=tcfg.val_batches, num_workers=tcfg.num_workers,
-    )
-    trainer, metrics = build_trainer(cfg, task, run_dir, meta, kind, record=record, resume_step=resume_step)
-    write_run_files(run_dir, record, data_dir)
+    trainer, metrics = build_trainer(cfg, task, run_dir, inputs, kind, record=record, resume_step=resume_step)
+    write_run_files(run_dir, record, inputs)
+    trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
     say(
-        f"run {run_dir} | model {model_cfg.name}: {task.model.num_parameters():,} parameters | "
-        f"data {data_dir.name}: {meta.n_train_tokens:,} train tokens | global batch {tcfg.resolved_global_batch_size()} x "
+        f"run {run_dir} | task {cfg.task.kind.name} | model {model_cfg.name}: {task.model.num_parameters():,} parameters"
+        + (f" ({trainable:,} trainable)" if trainable < task.model.num_parameters() else "")
+        + f" | {inputs.description} | global batch {tcfg.resolved_global_batch_size()} x "
         f"{tcfg.seq_len} tokens (micro {tcfg.micro_batch_size} x {tcfg.world_size} ranks x {tcfg.accumulation()} "
         f"accumulation) | strategy {kind.name} | precision {trainer.precision}"
         + (f" | resuming from {ckpt_path}" if ckpt_path else "")
     )
-    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    trainer.fit(task, datamodule=inputs.datamodule, ckpt_path=ckpt_path, weights_only=True)
     if trainer.interrupted:
         raise SystemExit(130)
     if trainer.global_step < tcfg.max_steps:
@@ -229,10 +166,10 @@ def run(cfg: TrainConfig, record: dict, run_dir: Path) -> None:
             "the data loader ran dry: check the prepared data"
         )
     if trainer.is_global_zero:
-        summarize(task, metrics, prepared, model_cfg, tcfg, time.perf_counter() - started, run_dir)
+        summarize(cfg, task, metrics, inputs, time.perf_counter() - started, run_dir)
 
 
-def build_trainer(cfg: TrainConfig, task: CausalLMTask, run_dir: Path, meta: DatasetMeta, kind: StrategyKind, *,
+def build_trainer(cfg: TrainConfig, task: TaskModule, run_dir: Path, inputs: RunInputs, kind: StrategyKind, *,
                   record: dict, resume_step: int) -> tuple[L.Trainer, StepMetrics]:
     tcfg = cfg.trainer
     on_cpu = tcfg.accelerator == "cpu" or (tcfg.accelerator == "auto" and not torch.cuda.is_available())
@@ -247,9 +184,9 @@ def build_trainer(cfg: TrainConfig, task: CausalLMTask, run_dir: Path, meta: Dat
     cluster_callbacks, plugins = build_cluster_hooks(checkpoints if tcfg.checkpoint else None)
     metrics = StepMetrics(
         log_every_steps=tcfg.log_every_steps, max_steps=tcfg.max_steps,
-        tokens_per_step=tcfg.resolved_global_batch_size() * tcfg.seq_len,
+        tokens_per_step=tcfg.resolved_global_batch_size() * tcfg.seq_len if cfg.task.kind.pretraining else None,
         flops_per_token=task.model.flops_per_token(tcfg.seq_len), peak_flops_per_device=peak_flops(tcfg),
-        tokens_per_byte=meta.n_val_tokens / max(1, meta.val_bytes), print_lines=not progress_bar,
+        tokens_per_byte=inputs.tokens_per_byte, print_lines=not progress_bar,
     )
     accumulate = tcfg.accumulation()
     trainer = L.Trainer(
@@ -280,33 +217,37 @@ def build_cluster_hooks(checkpoints: StepCheckpoint | None) -> tuple[list, list]
     return [RequeueOnSignal(checkpoints, signum=requeue_signal(), max_requeues=max_requeues)], plugins
 
 
-def setup_fsdp(task: CausalLMTask, scfg, tcfg: TrainerConfig, precision: str, on_cpu: bool) -> str:
+def setup_fsdp(task: TaskModule, scfg, tcfg: TrainerConfig, precision: str, on_cpu: bool) -> str:
     """FSDP2 does mixed precision itself (bf16 all-gathers and compute, fp32 master weights and
     reductions), so Lightning runs "32-true" and the policy carries the bf16."""
     if precision not in ("32-true", "bf16-mixed", "bf16-true"):
         raise ValueError(f"strategy=fsdp supports trainer.precision 32-true, bf16-mixed or bf16-true, not {precision}")
     param_dtype = torch.bfloat16 if precision.startswith("bf16") else None
 
-    def parallelize(model, trainer) -> None:
+    def parallelize(model, trainer, heads) -> None:
         mesh = build_fsdp_mesh(device_type="cpu" if on_cpu else "cuda", world_size=trainer.world_size,
                                devices_per_node=tcfg.devices, hybrid=scfg.sharding is ShardingKind.hybrid)
-        apply_fsdp(model, mesh, param_dtype=param_dtype, reshard_after_forward=scfg.reshard_after_forward)
+        apply_fsdp(model, mesh, param_dtype=param_dtype, reshard_after_forward=scfg.reshard_after_forward, heads=heads)
 
     task.parallelize = parallelize
     return "32-true"
 
 
-def summarize(task, metrics: StepMetrics, prepared, model_cfg: ModelConfig, tcfg: TrainerConfig, seconds: float, run_dir: Path) -> None:
+def summarize(cfg: TrainConfig, task: TaskModule, metrics: StepMetrics, inputs: RunInputs, seconds: float,
+              run_dir: Path) -> None:
+    tcfg = cfg.trainer
     val = [row for row in metrics.history if "val/loss" in row]
-    entropy = unigram_entropy(prepared.val, model_cfg.padded_vocab_size)
     print(f"\ntrained to step {tcfg.max_steps} in {seconds:.0f} s; run dir {run_dir}")
-    if val:
+    if val and cfg.task.kind is TaskKind.causal_lm:
         last = val[-1]
+        entropy = unigram_entropy(inputs.prepared.val, inputs.model_cfg.padded_vocab_size)
         print(
             f"val loss {last['val/loss']:.4f} nats/token (ppl {last['val/ppl']:.2f}, {last['val/bpb']:.3f} bits/byte) "
             f"vs unigram entropy of the val tokens {entropy:.4f} nats/token"
         )
-    if not (run_dir / "checkpoints" / "last.ckpt").exists():
+    elif val:
+        print("val " + " | ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in val[-1].items() if k.startswith("val/")))
+    if cfg.task.kind is not TaskKind.causal_lm or not (run_dir / "checkpoints" / "last.ckpt").exists():
         return  # trainer.checkpoint=false: nothing to sample from
     tokenizer = load_tokenizer(run_dir / "tokenizer" / TOKENIZER_FILE, eos_token=task.record["eos_token"])
     # From the final checkpoint rather than the live model: under ZeRO-3 or FSDP rank 0 holds

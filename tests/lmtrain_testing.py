@@ -85,3 +85,71 @@ def losses_by_step(run_dir: Path) -> dict[int, float]:
     from lmtrain.loggers import read_metrics
 
     return {row["step"]: row["train/loss"] for row in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in row}
+
+
+# -- labelled examples for the fine-tuning tasks (learnable, generated here) -------------------------
+POSITIVE_VERBS = {"likes", "helps", "finds", "remembers"}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def write_classification_data(directory: Path, n_train: int = 400, n_val: int = 100, seed: int = 0) -> tuple[Path, Path]:
+    """Sentences of the corpus vocabulary; the label says whether the verb is a 'positive' one
+    (a word-level fact a byte-level model has to learn to read)."""
+    rng = random.Random(seed)
+
+    def row() -> dict:
+        verb = rng.choice(VERBS)
+        text = f"{rng.choice(SUBJECTS)} {verb} {rng.choice(OBJECTS)}.".capitalize()
+        return {"sentence": text, "label": int(verb in POSITIVE_VERBS)}
+
+    return (_write_jsonl(directory / "train.jsonl", [row() for _ in range(n_train)]),
+            _write_jsonl(directory / "val.jsonl", [row() for _ in range(n_val)]))
+
+
+NAMES = ["anna", "bert", "carl", "dora", "emil", "fred", "gina", "hugo", "ines", "jack"]
+THINGS = ["apple", "book", "coin", "drum", "egg", "flute", "glove", "hat", "kite", "lamp"]
+RELATIONS = [("has", "what does {} have?"), ("sees", "what does {} see?"), ("wants", "what does {} want?")]
+
+
+def write_qa_data(directory: Path, n_train: int = 4000, n_val: int = 100, seed: int = 0) -> tuple[Path, Path]:
+    """SQuAD-format examples: a context of three facts, each with another verb, in random order;
+    the question asks for the object of one of them."""
+    rng = random.Random(seed)
+
+    def row(i: int) -> dict:
+        names, things = rng.sample(NAMES, 3), rng.sample(THINGS, 3)
+        relations = rng.sample(RELATIONS, 3)
+        context = " ".join(f"{n} {verb} a {t}." for n, (verb, _), t in zip(names, relations, things))
+        k = rng.randrange(3)
+        start = context.index(f"{names[k]} {relations[k][0]} a ") + len(f"{names[k]} {relations[k][0]} a ")
+        return {"id": f"q{i}", "question": relations[k][1].format(names[k]), "context": context,
+                "answers": {"text": [things[k]], "answer_start": [start]}}
+
+    return (_write_jsonl(directory / "train.jsonl", [row(i) for i in range(n_train)]),
+            _write_jsonl(directory / "val.jsonl", [row(n_train + i) for i in range(n_val)]))
+
+
+def write_translation_data(directory: Path, n_train: int = 800, n_val: int = 64, seed: int = 0) -> tuple[Path, Path]:
+    """A toy language pair: words are letters, translated one by one through a fixed substitution
+    and written in reverse order (so the model has to attend, not copy position by position)."""
+    rng = random.Random(seed)
+    letters = "abcdefghij"
+    substitution = dict(zip(letters, "qrstuvwxyz"))
+
+    def row() -> dict:
+        words = [rng.choice(letters) for _ in range(rng.randint(3, 6))]
+        return {"source": " ".join(words), "target": " ".join(substitution[w] for w in reversed(words))}
+
+    return (_write_jsonl(directory / "train.jsonl", [row() for _ in range(n_train)]),
+            _write_jsonl(directory / "val.jsonl", [row() for _ in range(n_val)]))
+
+
+def example_overrides(train: Path, val: Path) -> list[str]:
+    return ["data=task_files", f"data.paths=[{train}]", f"data.val_paths=[{val}]", "tokenizer=byte"]

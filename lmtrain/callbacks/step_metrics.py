@@ -17,10 +17,10 @@ class StepMetrics(L.Callback):
         *,
         log_every_steps: int,
         max_steps: int,
-        tokens_per_step: int,
+        tokens_per_step: int | None,
         flops_per_token: float,
         peak_flops_per_device: float | None,
-        tokens_per_byte: float,
+        tokens_per_byte: float | None,
         print_lines: bool,
     ) -> None:
         self.log_every_steps, self.max_steps = log_every_steps, max_steps
@@ -29,6 +29,7 @@ class StepMetrics(L.Callback):
         self.print_lines = print_lines
         self._t0 = 0.0
         self._step0 = 0
+        self._tokens_seen = 0.0  # counted per batch when batches are padded examples (tokens_per_step None)
         self.history: list[dict] = []  # rank 0's logged rows, for the end-of-run summary
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -43,14 +44,21 @@ class StepMetrics(L.Callback):
         loss = pl_module.pop_train_loss()  # host sync: the step's work is done when it returns
         now = time.perf_counter()
         step_s = (now - self._t0) / (step - self._step0)
-        tokens_per_s = self.tokens_per_step / step_s
+        if self.tokens_per_step is None:
+            tokens = pl_module.pop_tokens()  # real (not padding) tokens since the last logged step
+            self._tokens_seen += tokens
+            tokens_per_s = tokens / (now - self._t0)
+            seen = {"data/samples_seen": float(trainer.datamodule.consumed_samples())}
+        else:
+            tokens_per_s = self.tokens_per_step / step_s
+            seen = {"data/tokens_seen": float(trainer.datamodule.consumed_samples() * self.tokens_per_step
+                                              // trainer.datamodule.global_batch_size)}
         metrics = {
             "train/loss": loss,
             "opt/lr": trainer.optimizers[0].param_groups[0]["lr"],
             "perf/step_s": step_s,
             "perf/tokens_per_s": tokens_per_s,
-            "data/tokens_seen": float(trainer.datamodule.consumed_samples() * self.tokens_per_step
-                                      // trainer.datamodule.global_batch_size),
+            **seen,
         }
         if (grad_norm := pl_module.current_grad_norm()) is not None:
             metrics["opt/grad_norm"] = grad_norm
@@ -65,7 +73,8 @@ class StepMetrics(L.Callback):
         if trainer.sanity_checking or not pl_module.last_val:
             return
         metrics = dict(pl_module.last_val)
-        metrics["val/bpb"] = metrics["val/loss"] / math.log(2) * self.tokens_per_byte
+        if self.tokens_per_byte is not None:
+            metrics["val/bpb"] = metrics["val/loss"] / math.log(2) * self.tokens_per_byte
         self.emit(trainer, metrics, trainer.global_step)
 
     def emit(self, trainer: L.Trainer, metrics: dict, step: int) -> None:
@@ -85,6 +94,12 @@ def format_line(step: int, max_steps: int, metrics: dict) -> str:
         "val/loss": "val_loss {:.4f}",
         "val/ppl": "ppl {:.2f}",
         "val/bpb": "bpb {:.3f}",
+        "val/masked_acc": "masked_acc {:.3f}",
+        "val/accuracy": "acc {:.3f}",
+        "val/macro_f1": "macro_f1 {:.3f}",
+        "val/exact_match": "EM {:.1f}",
+        "val/f1": "F1 {:.1f}",
+        "val/bleu": "BLEU {:.1f}",
         "opt/lr": "lr {:.2e}",
         "opt/grad_norm": "gnorm {:.2f}",
         "perf/tokens_per_s": "{:,.0f} tok/s",

@@ -23,6 +23,7 @@ class SourceKind(Enum):
     python_stdlib = "python_stdlib"
     text = "text"
     json = "json"
+    csv = "csv"
     parquet = "parquet"
     hub = "hub"
 
@@ -61,10 +62,13 @@ class DataConfig:
     """Short name of the corpus; the prepared dataset lives in <cache_dir>/<name>-<fingerprint>/."""
 
     source: SourceKind = SourceKind.python_stdlib
-    """python_stdlib (every *.py of this interpreter's standard library), text, json (JSON lines), parquet, or hub."""
+    """python_stdlib (every *.py of this interpreter's standard library), text, json (JSON lines), csv, parquet, or hub."""
 
     paths: List[str] = field(default_factory=list)
-    """Files or glob patterns (~ expanded) for the text, json and parquet sources."""
+    """Files or glob patterns (~ expanded) for the text, json, csv and parquet sources."""
+
+    csv_delimiter: str = ","
+    """csv source: the field separator (use '\\t' for TSV files)."""
 
     text_unit: TextUnit = TextUnit.document
     """Text files only: one document per file, per blank-line-separated paragraph, or per line."""
@@ -79,7 +83,46 @@ class DataConfig:
     """Hub split to read; lmtrain makes its own train/val split from it."""
 
     text_column: str = "text"
-    """Column holding the document text (json, parquet, hub)."""
+    """Column holding the document text (json, csv, parquet, hub); for task=classify, the text to classify."""
+
+    # -- labelled examples for fine-tuning tasks (classify, qa, translate) ---------------------------
+    val_paths: List[str] = field(default_factory=list)
+    """Fine-tuning tasks: local files of the validation examples; empty = hold out data.val_fraction
+    of data.paths (or use data.hub_val_split)."""
+
+    hub_val_split: Optional[str] = None
+    """Fine-tuning tasks from the hub: the split to validate on, e.g. validation."""
+
+    label_column: str = "label"
+    """classify: the column of labels (ints, or strings mapped to ids in sorted order)."""
+
+    text_pair_column: Optional[str] = None
+    """classify: a second text (sentence-pair tasks such as NLI), joined to the first by the separator token."""
+
+    question_column: str = "question"
+    """qa: the question."""
+
+    context_column: str = "context"
+    """qa: the passage that holds the answer."""
+
+    answers_column: str = "answers"
+    """qa: SQuAD-format answers: {"text": [...], "answer_start": [character offsets into the context]}."""
+
+    id_column: Optional[str] = None
+    """qa: a column naming each example in errors and predictions (SQuAD's "id"); null = row numbers."""
+
+    source_column: str = "source"
+    """translate: the source text (when translation_column is null)."""
+
+    target_column: str = "target"
+    """translate: the reference translation (when translation_column is null)."""
+
+    translation_column: Optional[str] = None
+    """translate: a column of {language: text} dicts (the WMT/OPUS layout on the hub); then
+    source_lang and target_lang pick the two sides."""
+
+    source_lang: str = "de"
+    target_lang: str = "en"
 
     val_fraction: float = 0.01
     """Fraction of documents held out for validation (rounded up to whole documents)."""
@@ -107,7 +150,7 @@ class DataConfig:
                 f"data.name={self.name!r} cannot name a directory; use a short name without '/', "
                 "e.g. data.name=my_corpus"
             )
-        if self.source in (SourceKind.text, SourceKind.json, SourceKind.parquet) and not self.paths:
+        if self.source in (SourceKind.text, SourceKind.json, SourceKind.csv, SourceKind.parquet) and not self.paths:
             raise ValueError(
                 f"data.paths is empty but data.source={self.source.name} reads local files; "
                 "set data.paths=[/path/to/file_or_glob, ...]"
@@ -131,6 +174,8 @@ class DataConfig:
             raise ValueError(f"data.num_proc={self.num_proc} must be at least 1, or null for every CPU core")
         if not self.text_column:
             raise ValueError("data.text_column is empty; name the column holding the text, e.g. data.text_column=text")
+        if len(self.csv_delimiter) != 1:
+            raise ValueError(f"data.csv_delimiter={self.csv_delimiter!r} must be one character, e.g. ',' or '\\t'")
         if not self.cache_dir:
             raise ValueError("data.cache_dir is empty; set a directory, e.g. data.cache_dir=~/.cache/lmtrain/data")
 

@@ -12,7 +12,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lmtrain.data.sampler import TrainWindowStream, ValWindows, count_windows
+from lmtrain.data.examples import Collate, Features
+from lmtrain.data.sampler import ExampleStream, TrainWindowStream, ValWindows, count_windows, val_shard
+from lmtrain.tasks.config import TaskKind
 
 
 class LMDataModule(L.LightningDataModule):
@@ -112,3 +114,63 @@ def check_split_sizes(n_train_tokens: int, n_val_tokens: int, seq_len: int, prep
                 f"nothing to {'train' if split == 'train' else 'validate'} on. Use more data "
                 f"({'data.val_fraction' if split == 'val' else 'data.paths'}) or a smaller trainer.seq_len"
             )
+
+
+class TaskDataModule(L.LightningDataModule):
+    """Fine-tuning examples held in memory: the same resumable global order as LMDataModule (a
+    seeded permutation per epoch, dealt to ranks by micro batch), batches padded per micro batch.
+    Validation shards are evened out across ranks with filler items that are scored as nothing,
+    so every rank runs the same number of forward passes (FSDP and ZeRO-3 need that)."""
+
+    def __init__(self, train: Features, val: Features, *, kind: TaskKind, pad_id: int, micro_batch_size: int,
+                 global_batch_size: int, seed: int, val_batches: int | None, num_workers: int = 0,
+                 tokenizer=None) -> None:
+        super().__init__()
+        self.train, self.val, self.kind, self.tokenizer = train, val, kind, tokenizer
+        self.collate = Collate(kind, pad_id)
+        self.micro_batch_size, self.global_batch_size, self.seed = micro_batch_size, global_batch_size, seed
+        self.val_batches, self.num_workers = val_batches, num_workers
+        self._start_samples = 0
+        self._start_step = 0
+
+    def consumed_samples(self) -> int:
+        return self._start_samples + (self.trainer.global_step - self._start_step) * self.global_batch_size
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed_samples(), "global_batch_size": self.global_batch_size,
+                "seed": self.seed, "n_train_items": len(self.train.items)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["n_train_items"] != len(self.train.items):
+            raise ValueError(
+                f"the checkpoint's data position counts {state['n_train_items']} training features, but this run's data "
+                f"gives {len(self.train.items)}: the data, tokenizer or trainer.seq_len changed. Resume with the same "
+                "ones, or start a new run from its weights (init_from)"
+            )
+        self._start_samples = int(state["consumed_samples"])
+
+    def train_dataloader(self) -> DataLoader:
+        self._start_step = self.trainer.global_step
+        stream = ExampleStream(self.train.items, self.collate, micro_batch_size=self.micro_batch_size,
+                               rank=self.trainer.global_rank, world_size=self.trainer.world_size, seed=self.seed,
+                               start_sample=self._start_samples)
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def val_items(self) -> list[dict]:
+        """The validation subset: val_batches micro batches per rank (all of it when None), whole
+        examples only (a QA example's windows stay together)."""
+        items = self.val.items
+        if self.val_batches is None:
+            return items
+        wanted = self.val_batches * self.micro_batch_size * self.trainer.world_size
+        if len(items) <= wanted:
+            return items
+        last_example = items[wanted - 1].get("example")
+        end = wanted
+        while last_example is not None and end < len(items) and items[end].get("example") == last_example:
+            end += 1
+        return items[:end]
+
+    def val_dataloader(self) -> DataLoader:
+        shard = val_shard(self.val_items(), self.trainer.global_rank, self.trainer.world_size)
+        return DataLoader(shard, batch_size=self.micro_batch_size, shuffle=False, collate_fn=self.collate)

@@ -116,3 +116,42 @@ class ValWindows(Dataset):
         if self._tokens is None:
             self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
         return torch.from_numpy(read_window(self._tokens, self.windows[i], self.seq_len).astype(np.int64))
+
+
+class ExampleStream(IterableDataset):
+    """Endless collated micro batches of in-memory examples for one rank, in the same global
+    order scheme as `TrainWindowStream` (a seeded permutation of the items per epoch)."""
+
+    def __init__(self, items: list, collate, *, micro_batch_size: int, rank: int, world_size: int, seed: int,
+                 start_sample: int) -> None:
+        chunk = micro_batch_size * world_size
+        if start_sample % chunk:
+            raise ValueError(
+                f"data position {start_sample} is not a multiple of micro_batch_size x world_size = {chunk}; "
+                "resume needs a global batch that the new micro batch and world size divide"
+            )
+        self.items, self.collate = items, collate
+        self.micro_batch_size, self.rank, self.world_size, self.seed = micro_batch_size, rank, world_size, seed
+        self.start_chunk = start_sample // chunk
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        order = WindowOrder(len(self.items), self.seed)
+        for chunk_index in itertools.count(self.start_chunk + worker, n_workers):
+            first = chunk_index * self.micro_batch_size * self.world_size + self.rank * self.micro_batch_size
+            yield self.collate([self.items[order.window(g)] for g in range(first, first + self.micro_batch_size)])
+
+
+def val_shard(items: list[dict], rank: int, world_size: int) -> list[dict]:
+    """Items rank, rank + W, ... each tagged with its index in `items`; shards shorter than the
+    longest get filler copies (marked "filler") so every rank runs the same number of batches."""
+    per_rank = -(-len(items) // world_size)
+    shard = []
+    for k in range(per_rank):
+        i = rank + k * world_size
+        if i < len(items):
+            shard.append({**items[i], "index": i})
+        else:
+            shard.append({**items[0], "index": -1, "filler": True})
+    return shard

@@ -70,12 +70,13 @@ def source_identity(cfg: DataConfig) -> Dict[str, Any]:
     match cfg.source:
         case SourceKind.python_stdlib:
             return {"kind": cfg.source.name, "python": sys.version, "stdlib": str(python_stdlib_root())}
-        case SourceKind.text | SourceKind.json | SourceKind.parquet:
+        case SourceKind.text | SourceKind.json | SourceKind.csv | SourceKind.parquet:
             files = []
             for path in resolve_local_files(cfg.paths):
                 stat = path.stat()
                 files.append([str(path), stat.st_size, stat.st_mtime_ns])
-            return {"kind": cfg.source.name, "files": files}
+            identity = {"kind": cfg.source.name, "files": files}
+            return {**identity, "delimiter": cfg.csv_delimiter} if cfg.source is SourceKind.csv else identity
         case SourceKind.hub:
             return {"kind": cfg.source.name, "name": cfg.hub_name, "config": cfg.hub_config, "split": cfg.hub_split}
     raise ValueError(f"data.source={cfg.source!r} is not handled; use one of {[k.name for k in SourceKind]}")
@@ -88,7 +89,7 @@ def describe_source(cfg: DataConfig) -> str:
             return f"python_stdlib: *.py under {python_stdlib_root()} (Python {sys.version.split()[0]})"
         case SourceKind.text:
             return f"text files {cfg.paths}, one document per {cfg.text_unit.name}"
-        case SourceKind.json | SourceKind.parquet:
+        case SourceKind.json | SourceKind.csv | SourceKind.parquet:
             return f"{cfg.source.name} files {cfg.paths}, column '{cfg.text_column}'"
         case SourceKind.hub:
             return f"hub dataset {cfg.hub_name} config {cfg.hub_config} split {cfg.hub_split}, column '{cfg.text_column}'"
@@ -114,21 +115,36 @@ def load_documents(cfg: DataConfig, scratch_dir: Path) -> datasets.Dataset:
             return datasets.load_dataset(
                 "text", data_files=files, sample_by=cfg.text_unit.name, split="train", cache_dir=hf_cache
             )
-        case SourceKind.json | SourceKind.parquet:
-            files = [str(path) for path in resolve_local_files(cfg.paths)]
-            loaded = datasets.load_dataset(cfg.source.name, data_files=files, split="train", cache_dir=hf_cache)
+        case SourceKind.json | SourceKind.csv | SourceKind.parquet:
+            loaded = load_local_table(cfg, cfg.paths, hf_cache)
             return _text_column(loaded, cfg.text_column, describe_source(cfg))
         case SourceKind.hub:
-            try:
-                loaded = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=cfg.hub_split)
-            except Exception as error:  # the hub raises many types; all mean the same to the user
-                raise ValueError(
-                    f"could not load data.hub_name={cfg.hub_name!r} data.hub_config={cfg.hub_config!r} "
-                    f"data.hub_split={cfg.hub_split!r}: {error}. Check the names on the hub, the network, "
-                    "or set HF_HUB_OFFLINE=1 with a filled Hugging Face cache"
-                ) from error
-            return _text_column(loaded, cfg.text_column, describe_source(cfg))
+            return _text_column(load_hub_split(cfg, cfg.hub_split), cfg.text_column, describe_source(cfg))
     raise ValueError(f"data.source={cfg.source!r} is not handled; use one of {[k.name for k in SourceKind]}")
+
+
+def load_local_table(cfg: DataConfig, patterns: List[str], hf_cache: str) -> datasets.Dataset:
+    """Rows of local json-lines, csv or parquet files, in file order."""
+    import datasets
+
+    files = [str(path) for path in resolve_local_files(patterns)]
+    extra = {"delimiter": cfg.csv_delimiter} if cfg.source is SourceKind.csv else {}
+    try:
+        return datasets.load_dataset(cfg.source.name, data_files=files, split="train", cache_dir=hf_cache, **extra)
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as error:
+        raise ValueError(f"cannot read {cfg.source.name} files {patterns}: {error}; check data.source and the files") from error
+
+
+def load_hub_split(cfg: DataConfig, split: str) -> datasets.Dataset:
+    import datasets
+
+    try:
+        return datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=split)
+    except Exception as error:  # the hub raises many types; all mean the same to the user
+        raise ValueError(
+            f"could not load data.hub_name={cfg.hub_name!r} data.hub_config={cfg.hub_config!r} split {split!r}: "
+            f"{error}. Check the names on the hub, the network, or set HF_HUB_OFFLINE=1 with a filled Hugging Face cache"
+        ) from error
 
 
 def _text_column(dataset: datasets.Dataset, column: str, description: str) -> datasets.Dataset:

@@ -22,7 +22,7 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import tokenizers as hf_tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
@@ -57,6 +57,11 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]: ...
+
+    @abstractmethod
+    def encode_with_offsets(self, text: str) -> Tuple[List[int], List[Tuple[int, int]]]:
+        """Ids and, for each, the (start, end) character span of `text` it came from (extractive QA
+        maps predicted tokens back to the text through these)."""
 
     @abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
@@ -128,6 +133,15 @@ class ByteTokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
         return [list(text.encode("utf-8")) for text in texts]
 
+    def encode_with_offsets(self, text: str) -> Tuple[List[int], List[Tuple[int, int]]]:
+        ids: List[int] = []
+        offsets: List[Tuple[int, int]] = []
+        for position, char in enumerate(text):
+            encoded = char.encode("utf-8")
+            ids.extend(encoded)
+            offsets.extend([(position, position + 1)] * len(encoded))  # every byte of a character maps to it
+        return ids, offsets
+
     def decode(self, ids: Sequence[int]) -> str:
         pieces: List[str] = []
         pending = bytearray()
@@ -191,6 +205,10 @@ class HFTokenizer(Tokenizer):
         # encode_batch_fast skips offsets, which lmtrain never uses.
         return [encoding.ids for encoding in self._hf.encode_batch_fast(list(texts), add_special_tokens=False)]
 
+    def encode_with_offsets(self, text: str) -> Tuple[List[int], List[Tuple[int, int]]]:
+        encoding = self._hf.encode(text, add_special_tokens=False)
+        return encoding.ids, [tuple(span) for span in encoding.offsets]
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._hf.decode(list(ids), skip_special_tokens=False)
 
@@ -204,6 +222,17 @@ class HFTokenizer(Tokenizer):
             if token_id is not None:
                 found[name] = token_id
         return found
+
+
+def special_id(tokenizer: Tokenizer, name: str, purpose: str) -> int:
+    """The id of special token `name` (eos or one of EXTRA_SPECIAL_TOKENS); a clear error when absent."""
+    found = tokenizer.special_token_ids()
+    if name not in found:
+        raise ValueError(
+            f"the tokenizer has no {name} token, which {purpose} needs (it has {sorted(found)}); prepare with "
+            "tokenizer=byte or tokenizer=bpe (both reserve it), or use a pretrained tokenizer.json that defines it"
+        )
+    return found[name]
 
 
 def train_bpe_tokenizer(

@@ -19,7 +19,10 @@ def build_fsdp_mesh(*, device_type: str, world_size: int, devices_per_node: int,
     return init_device_mesh(device_type, (world_size,), mesh_dim_names=("shard",))
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | None, reshard_after_forward: bool) -> None:
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | None, reshard_after_forward: bool,
+               heads: list[nn.Module] = ()) -> None:
+    """heads: task heads outside the Transformer; each becomes an FSDP unit of its own, so its
+    gradients are reduced across ranks like every other parameter's."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # bf16 compute with fp32 master weights and fp32 gradient reduction (the recipe torchtitan uses).
@@ -28,3 +31,5 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype |
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     # The root keeps its parameters gathered after forward: the head runs again first in backward.
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    for head in heads:
+        fully_shard(head, mesh=mesh, mp_policy=mp, reshard_after_forward=False)

@@ -54,8 +54,9 @@ class KVCache:
         return len(self.layers)
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention through `F.scaled_dot_product_attention`.
+class SelfAttention(nn.Module):
+    """Multi-head self-attention through `F.scaled_dot_product_attention`: causal (a decoder) or
+    bidirectional (an encoder), with an optional key-padding mask.
 
     `qkv` projects to [q heads | k heads | v heads] in one matmul; with n_kv_heads < n_heads
     each group of n_heads / n_kv_heads query heads shares one k/v head (GQA,
@@ -63,8 +64,10 @@ class CausalSelfAttention(nn.Module):
     `Transformer.init_weights` scales down.
     """
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, *, bias: bool, dropout: float) -> None:
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, *, bias: bool, dropout: float,
+                 causal: bool = True) -> None:
         super().__init__()
+        self.causal = causal
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads
         self.head_dim = d_model // n_heads
@@ -78,8 +81,13 @@ class CausalSelfAttention(nn.Module):
         rope: Optional[tuple[Tensor, Tensor]] = None,
         kv_cache: Optional[LayerKVCache] = None,
         start_pos: int = 0,
+        key_mask: Optional[Tensor] = None,
     ) -> Tensor:
-        """x (B, T, d_model) at positions start_pos .. start_pos + T - 1 -> (B, T, d_model)."""
+        """x (B, T, d_model) at positions start_pos .. start_pos + T - 1 -> (B, T, d_model).
+
+        key_mask: (B, T) bool, True at real tokens: padding is never attended to. A decoder fed
+        right-padded rows needs none (real tokens only look left).
+        """
         batch, seq_len, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.qkv(x).split((q_size, kv_size, kv_size), dim=-1)
@@ -95,12 +103,26 @@ class CausalSelfAttention(nn.Module):
             q,
             k,
             v,
-            **_causal_mask_args(seq_len, k.shape[2], x.device),
+            **self._mask_args(seq_len, k.shape[2], x.device, key_mask),
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(batch, seq_len, q_size)  # (B, T, H * D)
         return self.out_proj(out)
+
+
+    def _mask_args(self, q_len: int, kv_len: int, device: torch.device, key_mask: Optional[Tensor]) -> dict:
+        if not self.causal:
+            return {} if key_mask is None else {"attn_mask": key_mask[:, None, None, :]}  # (B, 1, 1, S)
+        args = _causal_mask_args(q_len, kv_len, device)
+        if key_mask is None:
+            return args
+        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+        return {"attn_mask": causal[None, None] & key_mask[:, None, None, :]}
+
+
+# The decoder's name in earlier releases.
+CausalSelfAttention = SelfAttention
 
 
 def _causal_mask_args(q_len: int, kv_len: int, device: torch.device) -> dict:

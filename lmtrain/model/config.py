@@ -29,7 +29,7 @@ class MLPKind(Enum):
 
 @dataclass
 class ModelConfig:
-    """Shape and numerics of a decoder-only Transformer (see `Transformer`)."""
+    """Shape and numerics of a Transformer: a decoder, or with causal=false an encoder (see `Transformer`)."""
 
     name: str = "tiny"
     """Preset name, for run names and logs; does not change the model."""
@@ -90,6 +90,10 @@ class ModelConfig:
 
     norm_eps: float = 1e-5
     """Epsilon added inside the norms."""
+
+    causal: bool = True
+    """true: a decoder (each position attends to itself and earlier ones; generates text).
+    false: a bidirectional encoder (BERT-style; masked-LM pretraining, classification, QA)."""
 
     init_std: float = 0.02
     """Standard deviation of the normal weight init; residual output projections use

@@ -31,6 +31,11 @@ def generate_tokens(
     The model runs in eval mode; its previous mode is restored afterwards.
     """
     cfg = model.cfg
+    if not cfg.causal:
+        raise ValueError(
+            "this model is a bidirectional encoder (model.causal=false): it fills in masked tokens but cannot "
+            "generate text left to right; use a causal model (e.g. task=causal_lm or task=translate)"
+        )
     batch, prompt_len = idx.shape
     _check_generate_args(prompt_len, max_new_tokens, cfg.max_seq_len, temperature, top_k, top_p)
     if max_new_tokens == 0:

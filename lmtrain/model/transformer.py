@@ -1,4 +1,4 @@
-"""A decoder-only Transformer language model, configured by `ModelConfig`.
+"""A Transformer language model, configured by `ModelConfig`: a decoder, or a bidirectional encoder.
 
 Plain PyTorch: activation checkpointing, FSDP sharding and compile wrap `Transformer.blocks[i]`
 from outside (lmtrain/distributed/), so each `Block` takes everything it needs as arguments.
@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from lmtrain.model.attention import CausalSelfAttention, KVCache, LayerKVCache
+from lmtrain.model.attention import KVCache, LayerKVCache, SelfAttention
 from lmtrain.model.config import ModelConfig, Positional
 from lmtrain.model.generate import generate_tokens
 from lmtrain.model.layers import MLP, build_norm, compute_rope_cos_sin, compute_sinusoidal_table
@@ -28,8 +28,8 @@ class Block(nn.Module):
         self.pre_norm = cfg.pre_norm
         norm_args = dict(eps=cfg.norm_eps, bias=cfg.bias)
         self.attn_norm = build_norm(cfg.norm, cfg.d_model, **norm_args)
-        self.attn = CausalSelfAttention(
-            cfg.d_model, cfg.n_heads, cfg.kv_heads, bias=cfg.bias, dropout=cfg.dropout
+        self.attn = SelfAttention(
+            cfg.d_model, cfg.n_heads, cfg.kv_heads, bias=cfg.bias, dropout=cfg.dropout, causal=cfg.causal
         )
         self.mlp_norm = build_norm(cfg.norm, cfg.d_model, **norm_args)
         self.mlp = MLP(cfg.mlp, cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
@@ -41,17 +41,19 @@ class Block(nn.Module):
         rope: Optional[tuple[Tensor, Tensor]] = None,
         kv_cache: Optional[LayerKVCache] = None,
         start_pos: int = 0,
+        key_mask: Optional[Tensor] = None,
     ) -> Tensor:
         """x (B, T, d_model) -> (B, T, d_model).
 
         rope: (cos, sin), each (T, head_dim) float32, or None when positions are not rotary.
         kv_cache: this block's entry of a `KVCache` (generation only), or None.
         start_pos: position of x[:, 0]; with a cache, the number of positions already in it.
+        key_mask: (B, T) bool, True at real (not padding) tokens, or None.
         """
         if self.pre_norm:
-            x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, kv_cache, start_pos))
+            x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, kv_cache, start_pos, key_mask))
             return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
-        x = self.attn_norm(x + self.resid_dropout(self.attn(x, rope, kv_cache, start_pos)))
+        x = self.attn_norm(x + self.resid_dropout(self.attn(x, rope, kv_cache, start_pos, key_mask)))
         return self.mlp_norm(x + self.resid_dropout(self.mlp(x)))
 
 
@@ -114,12 +116,23 @@ class Transformer(nn.Module):
             table = compute_sinusoidal_table(self.cfg.max_seq_len, self.cfg.d_model, device=buffer.device)
             buffer.copy_(table)
 
-    def forward(self, idx: Tensor, *, start_pos: int = 0, kv_cache: Optional[KVCache] = None) -> Tensor:
+    def forward(
+        self,
+        idx: Tensor,
+        *,
+        start_pos: int = 0,
+        kv_cache: Optional[KVCache] = None,
+        attention_mask: Optional[Tensor] = None,
+        hidden: bool = False,
+    ) -> Tensor:
         """idx (B, T) int64 token ids at positions start_pos .. start_pos + T - 1.
 
         Returns logits (B, T, padded_vocab_size) float32; columns >= vocab_size belong to
         padding rows and should be ignored (generate masks them). With kv_cache, the keys and
         values of these positions are stored and earlier cached positions are attended to.
+        attention_mask: (B, T) bool, True at real tokens; padding is never attended to.
+        hidden=True returns the final hidden states (B, T, d_model) instead, for task heads
+        (through forward, so FSDP's hooks on the root run).
         """
         seq_len = idx.shape[1]
         if start_pos + seq_len > self.cfg.max_seq_len:
@@ -134,7 +147,9 @@ class Transformer(nn.Module):
         x, rope = self._add_positions(x, start_pos)
         x = self.embed_dropout(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, None if kv_cache is None else kv_cache[i], start_pos)
+            x = block(x, rope, None if kv_cache is None else kv_cache[i], start_pos, attention_mask)
+        if hidden:
+            return self.norm(x)
         return self.lm_head(self.norm(x)).float()
 
     def _add_positions(

@@ -1,0 +1,241 @@
+"""What `lmtrain train` trains on, per task: the model config, the tokenizer, the data module and
+the LightningModule. Pretraining tasks read data made by `lmtrain prepare`; fine-tuning tasks
+read labelled examples with the tokenizer of the backbone they start from (init_from)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+
+from lmtrain import __version__
+from lmtrain.checkpoint import CheckpointError, expected_shapes, load_record, load_weights, shape_mismatches
+from lmtrain.config import TrainConfig
+from lmtrain.data.config import TokenizerKind
+from lmtrain.data.datamodule import LMDataModule, TaskDataModule
+from lmtrain.data.prepare import DatasetMeta, PreparedData, load_prepared, prepared_dir
+from lmtrain.data.tokenizers import TOKENIZER_FILE, ByteTokenizer, Tokenizer, load_tokenizer, special_id
+from lmtrain.distributed.config import StrategyKind
+from lmtrain.distributed.rank import say
+from lmtrain.model.config import ModelConfig
+from lmtrain.tasks.base import TaskModule
+from lmtrain.tasks.config import TaskKind
+
+
+@dataclass
+class RunInputs:
+    model_cfg: ModelConfig
+    tokenizer: Tokenizer | None
+    """Loaded for every task but causal_lm (which never needs it during training)."""
+    tokenizer_hash: str
+    eos_token: str
+    datamodule: L.LightningDataModule
+    description: str
+    """The data, for the start-of-run line."""
+    data_dir: Path | None = None
+    """Prepared data (pretraining tasks)."""
+    prepared: PreparedData | None = None
+    tokens_per_byte: float | None = None
+    """For bits per byte (causal_lm only)."""
+    task_info: dict = dataclasses.field(default_factory=dict)
+    """What inference needs besides the config: label names."""
+
+
+def resolve_model_config(model: ModelConfig, vocab_size: int, source: str) -> ModelConfig:
+    """The model's vocabulary from the tokenizer, or a check that the tokenizer fits the model's."""
+    if model.vocab_size is None:
+        return model.with_vocab(vocab_size)
+    if vocab_size > model.vocab_size:
+        raise ValueError(
+            f"the tokenizer of {source} has {vocab_size} tokens, more than model.vocab_size={model.vocab_size} "
+            f"of model={model.name}; set model.vocab_size={vocab_size} (or null to take it from the data), "
+            "or prepare with a smaller tokenizer.vocab_size"
+        )
+    return model
+
+
+def check_token_ids(train: np.ndarray, val: np.ndarray, meta: DatasetMeta, vocab_size: int, data_dir: Path) -> None:
+    """Token ids must be < vocab_size: the recorded maximum, and a direct look at the first tokens
+    (an out-of-range id would otherwise surface as a device-side assert far from its cause)."""
+    probe = [int(a[: 1 << 20].max()) for a in (train, val) if len(a)]
+    largest = max([meta.max_token_id, *probe])
+    if largest >= vocab_size:
+        raise ValueError(
+            f"{data_dir} holds token id {largest}, out of range for a vocabulary of {vocab_size}; the data was "
+            "prepared with another tokenizer or is damaged: prepare it again (lmtrain prepare ... force=true)"
+        )
+
+
+def pretraining_inputs(cfg: TrainConfig) -> RunInputs:
+    tcfg = cfg.trainer
+    data_dir = prepared_dir(cfg.data, cfg.tokenizer)
+    prepared = load_prepared(data_dir)
+    meta = prepared.meta
+    model_cfg = resolve_model_config(cfg.model, meta.vocab_size, str(data_dir))
+    check_token_ids(prepared.train, prepared.val, meta, model_cfg.vocab_size, data_dir)
+    datamodule = LMDataModule(
+        data_dir, dtype=meta.dtype, n_train_tokens=meta.n_train_tokens, n_val_tokens=meta.n_val_tokens,
+        seq_len=tcfg.seq_len, micro_batch_size=tcfg.micro_batch_size, global_batch_size=tcfg.resolved_global_batch_size(),
+        seed=cfg.seed, val_batches=tcfg.val_batches, num_workers=tcfg.num_workers,
+    )
+    tokenizer = None
+    if cfg.task.kind is TaskKind.masked_lm:
+        tokenizer = load_tokenizer(data_dir / TOKENIZER_FILE, eos_token=meta.eos_token)
+    causal = cfg.task.kind is TaskKind.causal_lm
+    return RunInputs(model_cfg, tokenizer, meta.tokenizer_hash, meta.eos_token, datamodule,
+                     f"data {data_dir.name}: {meta.n_train_tokens:,} train tokens", data_dir=data_dir, prepared=prepared,
+                     tokens_per_byte=meta.n_val_tokens / max(1, meta.val_bytes) if causal else None)
+
+
+def finetune_tokenizer(cfg: TrainConfig) -> tuple[Tokenizer, ModelConfig]:
+    """The backbone's tokenizer and architecture when starting from a checkpoint (as a Hugging
+    Face from_pretrained does: the checkpoint's model config wins over model=...); otherwise a
+    tokenizer that needs no corpus (byte or pretrained) and the configured model."""
+    from lmtrain.inference import load_run_tokenizer, model_config_from_record
+
+    if cfg.init_from:
+        saved = load_record(Path(cfg.init_from))["lmtrain"]
+        tokenizer = load_run_tokenizer(cfg.init_from, saved)
+        if cfg.tokenizer.kind is TokenizerKind.pretrained:
+            chosen = load_tokenizer(cfg.tokenizer.path, eos_token=cfg.tokenizer.eos_token)
+            if chosen.fingerprint() != tokenizer.fingerprint():
+                raise ValueError(
+                    f"tokenizer.path={cfg.tokenizer.path} is not the tokenizer init_from={cfg.init_from} was trained with "
+                    f"(sha256 {chosen.fingerprint()[:12]} vs {tokenizer.fingerprint()[:12]}): its token ids would mean "
+                    "other things to the backbone. Drop tokenizer=... to use the backbone's own"
+                )
+        model_cfg = model_config_from_record(saved["model_config"])
+        if cfg.model.name != model_cfg.name:
+            say(f"init_from: the backbone is the checkpoint's model ({model_cfg.name}); model={cfg.model.name} is not used")
+        return tokenizer, model_cfg
+    match cfg.tokenizer.kind:
+        case TokenizerKind.byte:
+            tokenizer = ByteTokenizer(cfg.tokenizer.eos_token)
+        case TokenizerKind.pretrained:
+            tokenizer = load_tokenizer(cfg.tokenizer.path, eos_token=cfg.tokenizer.eos_token)
+        case _:
+            raise ValueError(
+                f"task={cfg.task.kind.name} without init_from needs a tokenizer that is not trained on a corpus: "
+                f"tokenizer={cfg.tokenizer.kind.name} is trained by `lmtrain prepare`. Start from a pretrained backbone "
+                "(init_from=runs/<pretrain>/checkpoints/last.ckpt), or use tokenizer=byte or tokenizer=pretrained"
+            )
+    return tokenizer, resolve_model_config(cfg.model, tokenizer.vocab_size, "the tokenizer")
+
+
+def finetune_inputs(cfg: TrainConfig) -> RunInputs:
+    from lmtrain.data.examples import build_features, describe, load_splits
+
+    tcfg, kind = cfg.trainer, cfg.task.kind
+    tokenizer, model_cfg = finetune_tokenizer(cfg)
+    if tcfg.seq_len > model_cfg.max_seq_len:
+        raise ValueError(f"trainer.seq_len={tcfg.seq_len} exceeds max_seq_len={model_cfg.max_seq_len} of the model "
+                         f"{model_cfg.name}; lower trainer.seq_len")
+    train_rows, val_rows = load_splits(cfg.data)
+    train, val = build_features(kind, train_rows, val_rows, tokenizer, cfg.data, cfg.task, tcfg.seq_len)
+    datamodule = TaskDataModule(
+        train, val, kind=kind, pad_id=special_id(tokenizer, "<|pad|>", f"task={kind.name}"),
+        micro_batch_size=tcfg.micro_batch_size, global_batch_size=tcfg.resolved_global_batch_size(), seed=cfg.seed,
+        val_batches=tcfg.val_batches, num_workers=tcfg.num_workers, tokenizer=tokenizer,
+    )
+    noun = "windows" if kind is TaskKind.qa else "examples"
+    description = (f"data {describe(cfg.data)}: {train.n_examples:,} train / {val.n_examples:,} val examples"
+                   + (f" ({len(train.items):,} / {len(val.items):,} {noun})" if len(train.items) != train.n_examples else ""))
+    return RunInputs(model_cfg, tokenizer, tokenizer.fingerprint(), tokenizer.eos_token, datamodule, description,
+                     task_info={"label_names": train.label_names} if kind is TaskKind.classify else {})
+
+
+def run_inputs(cfg: TrainConfig) -> RunInputs:
+    return pretraining_inputs(cfg) if cfg.task.kind.pretraining else finetune_inputs(cfg)
+
+
+def checkpoint_record(record: dict, inputs: RunInputs, kind: StrategyKind, world_size: int, task_kind: TaskKind) -> dict:
+    """What every checkpoint carries besides tensors: enough to rebuild the model and its head,
+    check the data and the layout on resume, and name the W&B run (added once known)."""
+    model_cfg = inputs.model_cfg
+    return {
+        "version": __version__,
+        "config": record,
+        "model_config": {f.name: getattr(getattr(model_cfg, f.name), "value", getattr(model_cfg, f.name))
+                         for f in dataclasses.fields(model_cfg)},
+        "task": {"kind": task_kind.name, **inputs.task_info},
+        "tokenizer_hash": inputs.tokenizer_hash,
+        "eos_token": inputs.eos_token,
+        "data_dir": str(inputs.data_dir) if inputs.data_dir else None,
+        "strategy": kind.name,
+        "world_size": world_size,
+    }
+
+
+def build_task(cfg: TrainConfig, inputs: RunInputs, record: dict) -> TaskModule:
+    tcfg = cfg.trainer
+    common = dict(max_steps=tcfg.max_steps, seed=cfg.seed, grad_clip=tcfg.grad_clip, accumulate=tcfg.accumulation(),
+                  record=record)
+    args = (inputs.model_cfg, cfg.optim, cfg.schedule)
+    match cfg.task.kind:
+        case TaskKind.causal_lm:
+            from lmtrain.tasks.causal_lm import CausalLMTask
+
+            return CausalLMTask(*args, **common)
+        case TaskKind.masked_lm:
+            from lmtrain.tasks.masked_lm import MaskedLMTask, VocabTables
+
+            tokenizer = inputs.tokenizer
+            specials = list(tokenizer.special_token_ids().values())
+            vocab = VocabTables(tokenizer, inputs.model_cfg.padded_vocab_size, specials,
+                                mask_id=special_id(tokenizer, "<|mask|>", "task=masked_lm"))
+            return MaskedLMTask(*args, task_cfg=cfg.task, vocab=vocab, **common)
+        case TaskKind.classify:
+            from lmtrain.tasks.finetune import ClassifyTask
+
+            return ClassifyTask(*args, task_cfg=cfg.task, label_names=inputs.task_info["label_names"], **common)
+        case TaskKind.qa:
+            from lmtrain.tasks.finetune import QATask
+
+            return QATask(*args, task_cfg=cfg.task, **common)
+        case TaskKind.translate:
+            from lmtrain.tasks.finetune import TranslateTask
+
+            return TranslateTask(*args, task_cfg=cfg.task, eos_id=inputs.tokenizer.eos_id, **common)
+    raise ValueError(f"task.kind={cfg.task.kind} is not supported; use one of {[k.name for k in TaskKind]}")
+
+
+def init_weights_from(task: TaskModule, path: str, tokenizer_hash: str) -> None:
+    """Weights only (any layout), into a run that starts at step 0 with a fresh optimizer. A task
+    with a head loads the backbone (`model.*`) and starts its head fresh; what was not loaded and
+    what the checkpoint holds beyond this model are reported."""
+    saved = load_record(Path(path))["lmtrain"]
+    if saved.get("tokenizer_hash") not in (None, tokenizer_hash):
+        raise CheckpointError(
+            f"init_from={path} was trained with another tokenizer (sha256 {saved['tokenizer_hash'][:12]}) than this run's "
+            f"data ({tokenizer_hash[:12]}): its embeddings would read these token ids as other tokens. Prepare the data "
+            "with the backbone's tokenizer (tokenizer=pretrained tokenizer.path=runs/<pretrain>/tokenizer)"
+        )
+    weights = load_weights(Path(path))
+    if task.head_modules():
+        weights = {k: v for k, v in weights.items() if k.startswith("model.")}
+    shapes, aliases = expected_shapes(task)
+    if problems := shape_mismatches(weights, shapes, aliases):
+        raise CheckpointError(f"init_from={path} does not fit this model:\n  " + "\n  ".join(problems[:20]))
+    task.load_state_dict(weights, strict=False)
+    missing = sorted(k for k in shapes if k not in weights and k not in aliases)
+    unexpected = sorted(k for k in load_weights_names(path) if k not in shapes)
+    say(f"initialised {len(weights)} tensors from {path}"
+        + (f"; new, freshly initialised: {summarize_names(missing)}" if missing else "")
+        + (f"; in the checkpoint but not used: {summarize_names(unexpected)}" if unexpected else ""))
+    saved_causal = saved.get("model_config", {}).get("causal", True)
+    if saved_causal != task.model_cfg.causal:
+        say(f"init_from: the checkpoint was trained as a {'decoder' if saved_causal else 'bidirectional encoder'}, "
+            f"this run's model is a {'decoder' if task.model_cfg.causal else 'bidirectional encoder'}")
+
+
+def load_weights_names(path: str) -> list[str]:
+    from lmtrain.checkpoint import param_shapes
+
+    return list(param_shapes(Path(path)))
+
+
+def summarize_names(names: list[str]) -> str:
+    return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
