@@ -22,7 +22,8 @@ COMMANDS = {
     "prepare": "tokenize and pack a corpus (data=..., tokenizer=...)",
     "train": "pretrain a model (model=..., data=..., trainer.max_steps=...)",
     "generate": "sample text from a checkpoint (ckpt=... prompt=...)",
-    "eval": "val loss, perplexity and bits per byte of a checkpoint (ckpt=...)",
+    "eval": "a checkpoint's metrics on its val split: loss/ppl/bpb, masked acc, accuracy+F1, EM+F1, BLEU (ckpt=...)",
+    "predict": "a fine-tuned checkpoint on one input (ckpt=... text=... | question=... context=...)",
     "submit": "render, check and sbatch a training job (cluster=<site> slurm.nodes=... [--dry-run])",
     "sweep": "a resumable Optuna search whose trials are lmtrain runs (sweep=<spec> launcher=local|slurm)",
     "plot": "PNG curves of a run's loss, lr, tokens/s and grad norm (run=runs/<run> [out=DIR])",
@@ -61,6 +62,7 @@ def _submit(cfg: DictConfig) -> None:
 _TYPED_RUNNERS = {
     "generate": "lmtrain.generate:run",
     "eval": "lmtrain.evaluate:run",
+    "predict": "lmtrain.predict:run",
     "export": "lmtrain.export:run",
     "sweep": "lmtrain.sweep:run",
     "plot": "lmtrain.reports:run_plot",

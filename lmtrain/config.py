@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -161,6 +161,9 @@ class GenerateConfig:
     num_samples: int = 1
     seed: int = 0
     device: str = "auto"
+    beam_size: Optional[int] = None
+    """A task=translate checkpoint: the prompt is a source sentence, decoded with this beam width
+    (None = the run's task.beam_size); sampling options do not apply."""
 
 
 @dataclass
@@ -170,6 +173,27 @@ class EvalConfig:
     """Micro batches of the val split to evaluate; None = all of it."""
     micro_batch_size: Optional[int] = None
     """None = the run's own."""
+    device: str = "auto"
+    val_paths: List[str] = field(default_factory=list)
+    """Fine-tuned tasks: evaluate on these local files (same columns as training) instead of the run's val split."""
+    beam_size: Optional[int] = None
+    """translate: beam width for BLEU; None = the run's task.beam_size."""
+
+
+@dataclass
+class PredictConfig:
+    ckpt: str = "???"
+    """A fine-tuned checkpoint: task=classify, qa or translate."""
+    text: Optional[str] = None
+    """classify: the text to label; translate: the source sentence."""
+    text_pair: Optional[str] = None
+    """classify: the second text of a sentence-pair task."""
+    question: Optional[str] = None
+    """qa: the question..."""
+    context: Optional[str] = None
+    """qa: ...and the passage that answers it."""
+    beam_size: Optional[int] = None
+    """translate: beam width; None = the run's task.beam_size."""
     device: str = "auto"
 
 
@@ -228,6 +252,7 @@ def register_configs() -> None:
     cs.store(name="prepare_schema", node=PrepareConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
     cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="predict_schema", node=PredictConfig)
     cs.store(name="export_schema", node=ExportConfig)
     from lmtrain.distributed.plan import PlanConfig  # here: plan.py imports TrainerConfig from this module
 

@@ -1,4 +1,6 @@
-"""`lmtrain eval`: val loss, perplexity and bits per byte of a checkpoint on its run's val split."""
+"""`lmtrain eval`: a checkpoint's metrics on its run's val split, for the task it was trained on:
+causal_lm val loss, perplexity and bits per byte; masked_lm loss and masked-token accuracy;
+classify accuracy and macro-F1; qa exact match and F1; translate BLEU."""
 
 from __future__ import annotations
 
@@ -11,11 +13,21 @@ import torch.nn.functional as F
 from lmtrain.config import EvalConfig
 from lmtrain.data.prepare import load_prepared
 from lmtrain.data.sampler import ValWindows, count_windows
-from lmtrain.inference import load_model
+from lmtrain.checkpoint import load_record
+from lmtrain.inference import load_model, task_kind
+
+
+def run(cfg: EvalConfig) -> dict[str, float]:
+    kind = task_kind(load_record(Path(cfg.ckpt))["lmtrain"])
+    if kind == "causal_lm":
+        return evaluate_causal_lm(cfg)
+    from lmtrain.task_eval import evaluate_task
+
+    return evaluate_task(cfg)
 
 
 @torch.no_grad()
-def run(cfg: EvalConfig) -> dict[str, float]:
+def evaluate_causal_lm(cfg: EvalConfig) -> dict[str, float]:
     model, record = load_model(cfg.ckpt, cfg.device)
     trainer_cfg = record["config"]["trainer"]
     data_dir = Path(record["data_dir"])

@@ -76,7 +76,7 @@ def load_run_tokenizer(ckpt_path: str | Path, record: dict) -> Tokenizer:
     """The tokenizer saved in the run dir (runs/<run>/tokenizer), else the prepared data's; its hash
     must match the one recorded at training time."""
     ckpt_path = Path(ckpt_path).resolve()
-    candidates = [ckpt_path.parent.parent / "tokenizer" / TOKENIZER_FILE, Path(record.get("data_dir", "")) / TOKENIZER_FILE]
+    candidates = [ckpt_path.parent.parent / "tokenizer" / TOKENIZER_FILE, Path(record.get("data_dir") or ".") / TOKENIZER_FILE]
     for path in candidates:
         if path.is_file():
             digest = hashlib.sha256(path.read_bytes()).hexdigest()

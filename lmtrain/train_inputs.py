@@ -217,7 +217,8 @@ def init_weights_from(task: TaskModule, path: str, tokenizer_hash: str) -> None:
     if task.head_modules():
         weights = {k: v for k, v in weights.items() if k.startswith("model.")}
     shapes, aliases = expected_shapes(task)
-    if problems := shape_mismatches(weights, shapes, aliases):
+    backbone = {k: v for k, v in shapes.items() if k.startswith("model.")} if task.head_modules() else shapes
+    if problems := shape_mismatches(weights, backbone, aliases):
         raise CheckpointError(f"init_from={path} does not fit this model:\n  " + "\n  ".join(problems[:20]))
     task.load_state_dict(weights, strict=False)
     missing = sorted(k for k in shapes if k not in weights and k not in aliases)

@@ -151,5 +151,42 @@ def write_translation_data(directory: Path, n_train: int = 800, n_val: int = 64,
             _write_jsonl(directory / "val.jsonl", [row() for _ in range(n_val)]))
 
 
+POSITIVE_WORDS = ["happy", "glad", "bright", "kind", "warm", "calm", "proud", "brave"]
+NEGATIVE_WORDS = ["sad", "angry", "dark", "cruel", "cold", "tense", "ashamed", "afraid"]
+MOOD_TEMPLATES = ["{} is {}.", "{} feels {} today.", "{} looks {}.", "{} was {} again."]
+
+
+def _mood_sentence(rng: random.Random, word: str) -> str:
+    return rng.choice(MOOD_TEMPLATES).format(rng.choice(SUBJECTS), word).capitalize()
+
+
+def write_mood_corpus(directory: Path, n_paragraphs: int = 400, seed: int = 0) -> Path:
+    """Unlabelled paragraphs that each keep one mood: their mood words co-occur, so pretraining
+    can learn which words go together (and nothing else says which mood a word has)."""
+    rng = random.Random(seed)
+    paragraphs = []
+    for _ in range(n_paragraphs):
+        words = POSITIVE_WORDS if rng.random() < 0.5 else NEGATIVE_WORDS
+        paragraphs.append(" ".join(_mood_sentence(rng, rng.choice(words)) for _ in range(rng.randint(4, 7))))
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "corpus.txt"
+    path.write_text("\n\n".join(paragraphs) + "\n")
+    return path
+
+
+def write_mood_classification_data(directory: Path, n_train: int = 64, n_val: int = 100, seed: int = 0) -> tuple[Path, Path]:
+    """Sentiment labels where the train split uses half of each mood's words and the val split the
+    other half: only a backbone that learned from the corpus which words go together can
+    classify the val sentences; from scratch they are a coin toss."""
+    rng = random.Random(seed)
+
+    def row(positive: list[str], negative: list[str]) -> dict:
+        label = rng.random() < 0.5
+        return {"sentence": _mood_sentence(rng, rng.choice(positive if label else negative)), "label": int(label)}
+
+    return (_write_jsonl(directory / "train.jsonl", [row(POSITIVE_WORDS[:4], NEGATIVE_WORDS[:4]) for _ in range(n_train)]),
+            _write_jsonl(directory / "val.jsonl", [row(POSITIVE_WORDS[4:], NEGATIVE_WORDS[4:]) for _ in range(n_val)]))
+
+
 def example_overrides(train: Path, val: Path) -> list[str]:
     return ["data=task_files", f"data.paths=[{train}]", f"data.val_paths=[{val}]", "tokenizer=byte"]

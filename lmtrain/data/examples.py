@@ -58,8 +58,11 @@ class Features:
 def load_splits(cfg: DataConfig) -> tuple["datasets.Dataset", "datasets.Dataset"]:
     """(train, val) rows. Val comes from data.val_paths or data.hub_val_split when set, else a
     deterministic held-out data.val_fraction of the train rows."""
+    import datasets
+
     from lmtrain.data.sources import load_hub_split, load_local_table
 
+    datasets.disable_progress_bars()
     if cfg.source in (SourceKind.python_stdlib, SourceKind.text):
         raise ValueError(
             f"data.source={cfg.source.name} holds plain text without labels; fine-tuning tasks read json, csv, "
@@ -140,13 +143,16 @@ def classify_features(rows: "datasets.Dataset", tokenizer: Tokenizer, cfg: DataC
                 f"label {raw_label!r} of {split} row {row} is out of range for {n_labels} classes (ids 0..{n_labels - 1}); "
                 f"fix the data or set task.num_labels (now {task.num_labels})"
             )
-        if pairs is None:
-            body = ids[: seq_len - 2]
-        else:
-            first, second = truncate_pair(ids, pairs[row], seq_len - 3)
-            body = [*first, sp.sep, *second]
-        items.append({"ids": [sp.bos, *body, sp.eos], "label": label})
+        items.append({"ids": classify_ids(ids, pairs[row] if pairs else None, sp, seq_len), "label": label})
     return Features(items, len(items), label_names=label_names)
+
+
+def classify_ids(text: list[int], pair: list[int] | None, sp: Specials, seq_len: int) -> list[int]:
+    """<|bos|> text [<|sep|> pair] <|endoftext|>, cut to seq_len tokens."""
+    if pair is None:
+        return [sp.bos, *text[: seq_len - 2], sp.eos]
+    first, second = truncate_pair(text, pair, seq_len - 3)
+    return [sp.bos, *first, sp.sep, *second, sp.eos]
 
 
 def truncate_pair(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:
@@ -172,25 +178,35 @@ def qa_features(rows: "datasets.Dataset", tokenizer: Tokenizer, cfg: DataConfig,
     for row, (question, context, answers) in enumerate(zip(questions, rows[cfg.context_column], rows[cfg.answers_column])):
         spans = answer_spans(answers, context, cfg, f"{split} example {names[row]!r}")
         references.append((context, [context[s:e] for s, e in spans]))
-        question = question[: task.max_question_tokens]
-        window = seq_len - len(question) - 3  # bos, sep, eos
-        if window <= task.doc_stride:
-            raise ValueError(
-                f"trainer.seq_len={seq_len} leaves {window} context tokens per window after a {len(question)}-token "
-                f"question, not more than task.doc_stride={task.doc_stride}; raise trainer.seq_len or lower "
-                "task.doc_stride / task.max_question_tokens"
-            )
-        ctx_ids, ctx_offsets = tokenizer.encode_with_offsets(context)
-        first_ctx = len(question) + 2
-        answer = char_span_to_tokens(spans[0], ctx_offsets) if spans else None
-        for begin in window_starts(len(ctx_ids), window, task.doc_stride):
-            chunk = slice(begin, begin + window)
-            ids = [sp.bos, *question, sp.sep, *ctx_ids[chunk], sp.eos]
-            offsets = [None] * first_ctx + list(ctx_offsets[chunk]) + [None]
-            inside = answer is not None and begin <= answer[0] and answer[1] < begin + window
-            start, end = (answer[0] - begin + first_ctx, answer[1] - begin + first_ctx) if inside else (0, 0)
-            items.append({"ids": ids, "start": start, "end": end, "example": row, "offsets": offsets})
+        for window in qa_windows(question, context, tokenizer, sp, task, seq_len, answer=spans[0] if spans else None):
+            items.append({**window, "example": row})
     return Features(items, len(rows), references=references)
+
+
+def qa_windows(question: list[int], context: str, tokenizer: Tokenizer, sp: Specials, task: TaskConfig, seq_len: int,
+               answer: tuple[int, int] | None = None) -> list[dict]:
+    """<|bos|> question <|sep|> context window <|endoftext|> for each window of the context, with
+    "offsets" (character span per id, None outside the context) and, when the answer's character
+    span is given, "start"/"end": its token positions, or 0 where the window does not hold it."""
+    question = question[: task.max_question_tokens]
+    width = seq_len - len(question) - 3  # bos, sep, eos
+    if width <= task.doc_stride:
+        raise ValueError(
+            f"trainer.seq_len={seq_len} leaves {width} context tokens per window after a {len(question)}-token "
+            f"question, not more than task.doc_stride={task.doc_stride}; raise trainer.seq_len or lower "
+            "task.doc_stride / task.max_question_tokens"
+        )
+    ctx_ids, ctx_offsets = tokenizer.encode_with_offsets(context)
+    first_ctx = len(question) + 2
+    tokens = char_span_to_tokens(answer, ctx_offsets) if answer else None
+    windows = []
+    for begin in window_starts(len(ctx_ids), width, task.doc_stride):
+        chunk = slice(begin, begin + width)
+        inside = tokens is not None and begin <= tokens[0] and tokens[1] < begin + width
+        start, end = (tokens[0] - begin + first_ctx, tokens[1] - begin + first_ctx) if inside else (0, 0)
+        windows.append({"ids": [sp.bos, *question, sp.sep, *ctx_ids[chunk], sp.eos], "start": start, "end": end,
+                        "offsets": [None] * first_ctx + list(ctx_offsets[chunk]) + [None]})
+    return windows
 
 
 def answer_spans(answers: Any, context: str, cfg: DataConfig, where: str) -> list[tuple[int, int]]:
