@@ -174,18 +174,20 @@ def write_mood_corpus(directory: Path, n_paragraphs: int = 400, seed: int = 0) -
     return path
 
 
-def write_mood_classification_data(directory: Path, n_train: int = 64, n_val: int = 100, seed: int = 0) -> tuple[Path, Path]:
-    """Sentiment labels where the train split uses half of each mood's words and the val split the
-    other half: only a backbone that learned from the corpus which words go together can
-    classify the val sentences; from scratch they are a coin toss."""
+def write_mood_classification_data(directory: Path, n_train: int = 64, n_val: int = 100, seed: int = 0,
+                                   held_out_words: bool = False) -> tuple[Path, Path]:
+    """Sentences labelled by the mood of their one mood word. With held_out_words the train split
+    uses half of each mood's words and the val split the other half: only a backbone that learned
+    from the corpus which words go together can classify the val sentences."""
     rng = random.Random(seed)
+    val_words = (POSITIVE_WORDS[4:], NEGATIVE_WORDS[4:]) if held_out_words else (POSITIVE_WORDS[:4], NEGATIVE_WORDS[:4])
 
     def row(positive: list[str], negative: list[str]) -> dict:
         label = rng.random() < 0.5
         return {"sentence": _mood_sentence(rng, rng.choice(positive if label else negative)), "label": int(label)}
 
     return (_write_jsonl(directory / "train.jsonl", [row(POSITIVE_WORDS[:4], NEGATIVE_WORDS[:4]) for _ in range(n_train)]),
-            _write_jsonl(directory / "val.jsonl", [row(POSITIVE_WORDS[4:], NEGATIVE_WORDS[4:]) for _ in range(n_val)]))
+            _write_jsonl(directory / "val.jsonl", [row(*val_words) for _ in range(n_val)]))
 
 
 def example_overrides(train: Path, val: Path) -> list[str]:

@@ -2,7 +2,7 @@
 the columns a task needs, and turn rows into token-id features the task's collate pads into batches.
 
 Sequences are built with lmtrain's reserved special tokens (see `lmtrain.data.tokenizers`):
-- classify:  <|bos|> text [<|sep|> pair] <|endoftext|>
+- classify:  <|bos|> text [<|sep|> pair]
 - qa:        <|bos|> question <|sep|> context window <|endoftext|>
 - translate: <|bos|> source <|sep|> target <|endoftext|>  (the loss covers target and eos only)
 """
@@ -148,11 +148,12 @@ def classify_features(rows: "datasets.Dataset", tokenizer: Tokenizer, cfg: DataC
 
 
 def classify_ids(text: list[int], pair: list[int] | None, sp: Specials, seq_len: int) -> list[int]:
-    """<|bos|> text [<|sep|> pair] <|endoftext|>, cut to seq_len tokens."""
+    """<|bos|> text [<|sep|> pair], cut to seq_len tokens. No eos at the end: a decoder pools its
+    last token, and a causal LM's state at eos is about the next document, not this text."""
     if pair is None:
-        return [sp.bos, *text[: seq_len - 2], sp.eos]
-    first, second = truncate_pair(text, pair, seq_len - 3)
-    return [sp.bos, *first, sp.sep, *second, sp.eos]
+        return [sp.bos, *text[: seq_len - 1]]
+    first, second = truncate_pair(text, pair, seq_len - 2)
+    return [sp.bos, *first, sp.sep, *second]
 
 
 def truncate_pair(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:
