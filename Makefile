@@ -45,7 +45,7 @@ train: install
 	echo "make train: prepare + train took $$(( $$(date +%s) - start )) s"
 
 test: install-dev
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 test-fast: install-dev
 	$(BIN)/python -m pytest -q -m "not slow and not distributed and not slurm" $(PYTEST_ARGS)
