@@ -20,7 +20,7 @@ from lmtrain.config import conf_dir, register_configs, to_record, to_typed
 
 COMMANDS = {
     "prepare": "tokenize and pack a corpus (data=..., tokenizer=...)",
-    "train": "pretrain a model (model=..., data=..., trainer.max_steps=...)",
+    "train": "pretrain or fine-tune a model (task=..., model=..., data=..., trainer.max_steps=...)",
     "generate": "sample text from a checkpoint (ckpt=... prompt=...)",
     "eval": "a checkpoint's metrics on its val split: loss/ppl/bpb, masked acc, accuracy+F1, EM+F1, BLEU (ckpt=...)",
     "predict": "a fine-tuned checkpoint on one input (ckpt=... text=... | question=... context=...)",

@@ -15,11 +15,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def export_state_dict(ckpt: Path, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
-    """Plain model weights (names as in lmtrain.model.Transformer) and the checkpoint's record."""
+    """Plain model weights (names as in lmtrain.model.Transformer; a task head's as `head.*`) and
+    the checkpoint's record."""
     record = load_record(ckpt)["lmtrain"]
     weights = load_weights(ckpt)
     state = {k.removeprefix("model."): v.to(dtype) if v.is_floating_point() else v
-             for k, v in weights.items() if k.startswith("model.")}
+             for k, v in weights.items() if k.startswith(("model.", "head."))}
     if record["model_config"].get("tied_embeddings"):
         state.pop("lm_head.weight", None)  # stored once, as tok_embeddings.weight
     return state, record
@@ -31,7 +32,8 @@ def run(cfg: ExportConfig) -> Path:
     suffix = ".safetensors" if cfg.format is ExportFormat.safetensors else ".pt"
     out = Path(cfg.out) if cfg.out else ckpt.parent.parent / f"export-{ckpt.resolve().name.removesuffix('.ckpt')}-{cfg.dtype}{suffix}"
     meta = {"model_config": record["model_config"], "lmtrain_version": record["version"],
-            "tokenizer_hash": record["tokenizer_hash"], "eos_token": record.get("eos_token"), "source": str(ckpt)}
+            "tokenizer_hash": record["tokenizer_hash"], "eos_token": record.get("eos_token"), "source": str(ckpt),
+            "task": record.get("task", {"kind": "causal_lm"})}
     match cfg.format:
         case ExportFormat.torch:
             save_atomic({"model": state, "lmtrain": meta}, out)

@@ -109,12 +109,22 @@ def preflight(cfg: SubmitConfig, run_dir: Path) -> list[str]:
     nodes, per_node = resolve_layout(cfg)
     report = [f"layout: {nodes} node(s) x {per_node} task(s) = world size {nodes * per_node}, "
               f"global batch {cfg.trainer.resolved_global_batch_size()} (accumulation {cfg.trainer.accumulation()})"]
-    data_dir = prepared_dir(cfg.data, cfg.tokenizer)
-    problem = "it does not exist" if not data_dir.is_dir() else check_prepared(data_dir)
-    if problem:
-        raise ValueError(f"prepared data {data_dir} cannot be used ({problem}); run `lmtrain prepare` with the same "
-                         "data.* and tokenizer.* settings first (on a node that sees the same filesystem)")
-    report.append(f"data: {data_dir} is prepared")
+    if cfg.task.kind.pretraining:
+        data_dir = prepared_dir(cfg.data, cfg.tokenizer)
+        problem = "it does not exist" if not data_dir.is_dir() else check_prepared(data_dir)
+        if problem:
+            raise ValueError(f"prepared data {data_dir} cannot be used ({problem}); run `lmtrain prepare` with the same "
+                             "data.* and tokenizer.* settings first (on a node that sees the same filesystem)")
+        report.append(f"data: {data_dir} is prepared")
+    else:  # labelled examples: the files and the backbone must be there
+        from lmtrain.data.sources import resolve_local_files
+
+        if cfg.data.source.name != "hub":
+            resolve_local_files([*cfg.data.paths, *cfg.data.val_paths])
+        if cfg.init_from and not Path(cfg.init_from).exists():
+            raise ValueError(f"init_from={cfg.init_from} does not exist; name the backbone checkpoint to fine-tune")
+        report.append(f"data: {cfg.task.kind.name} examples from {cfg.data.source.name}"
+                      + (f", backbone {cfg.init_from}" if cfg.init_from else ""))
     run_dir.mkdir(parents=True, exist_ok=True)
     probe = run_dir / ".write-test"
     try:

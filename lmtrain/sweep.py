@@ -85,7 +85,9 @@ class SweepConfig:
     """How trials start lmtrain; None = this interpreter (`python -m lmtrain`)."""
 
 
-FINAL_STATE_HOLD_S = 10.0
+# A job that requeues itself shows FAILED until its step has been torn down, which can take
+# srun's step-kill wait (about 30 s) on a loaded node; measured here: over 10 s once.
+FINAL_STATE_HOLD_S = 45.0
 
 PARAM = re.compile(r"^\s*([\w.]+)\s*:\s*(loguniform|uniform|int|choice)\((.*)\)\s*$")
 
@@ -184,8 +186,10 @@ class Sweep:
                 if state in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", ""):
                     r.final_seen = None
                     return None if state or out.returncode == 0 else 1
-                # A job that requeues itself passes through FAILED for a moment on its way back to
-                # PENDING: a final state counts once it has held for a while.
+                if state == "COMPLETED":
+                    return 0  # never requeued after this
+                # A job that requeues itself passes through FAILED on its way back to PENDING: a
+                # failed state counts once it has held for a while.
                 r.final_seen = r.final_seen or time.monotonic()
                 if time.monotonic() - r.final_seen < FINAL_STATE_HOLD_S:
                     return None

@@ -138,7 +138,7 @@ def finetune_inputs(cfg: TrainConfig) -> RunInputs:
     datamodule = TaskDataModule(
         train, val, kind=kind, pad_id=special_id(tokenizer, "<|pad|>", f"task={kind.name}"),
         micro_batch_size=tcfg.micro_batch_size, global_batch_size=tcfg.resolved_global_batch_size(), seed=cfg.seed,
-        val_batches=tcfg.val_batches, num_workers=tcfg.num_workers, tokenizer=tokenizer,
+        val_examples=cfg.task.val_examples, num_workers=tcfg.num_workers, tokenizer=tokenizer,
     )
     noun = "windows" if kind is TaskKind.qa else "examples"
     description = (f"data {describe(cfg.data)}: {train.n_examples:,} train / {val.n_examples:,} val examples"

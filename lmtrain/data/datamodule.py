@@ -123,13 +123,13 @@ class TaskDataModule(L.LightningDataModule):
     so every rank runs the same number of forward passes (FSDP and ZeRO-3 need that)."""
 
     def __init__(self, train: Features, val: Features, *, kind: TaskKind, pad_id: int, micro_batch_size: int,
-                 global_batch_size: int, seed: int, val_batches: int | None, num_workers: int = 0,
+                 global_batch_size: int, seed: int, val_examples: int | None, num_workers: int = 0,
                  tokenizer=None) -> None:
         super().__init__()
         self.train, self.val, self.kind, self.tokenizer = train, val, kind, tokenizer
         self.collate = Collate(kind, pad_id)
         self.micro_batch_size, self.global_batch_size, self.seed = micro_batch_size, global_batch_size, seed
-        self.val_batches, self.num_workers = val_batches, num_workers
+        self.val_examples, self.num_workers = val_examples, num_workers
         self._start_samples = 0
         self._start_step = 0
 
@@ -157,19 +157,14 @@ class TaskDataModule(L.LightningDataModule):
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_items(self) -> list[dict]:
-        """The validation subset: val_batches micro batches per rank (all of it when None), whole
-        examples only (a QA example's windows stay together)."""
+        """The validation subset: the items of the first val_examples examples (all when None); a
+        QA example's windows stay together. The same whatever the number of ranks."""
         items = self.val.items
-        if self.val_batches is None:
+        if self.val_examples is None or self.val_examples >= self.val.n_examples:
             return items
-        wanted = self.val_batches * self.micro_batch_size * self.trainer.world_size
-        if len(items) <= wanted:
-            return items
-        last_example = items[wanted - 1].get("example")
-        end = wanted
-        while last_example is not None and end < len(items) and items[end].get("example") == last_example:
-            end += 1
-        return items[:end]
+        if "example" not in items[0]:
+            return items[: self.val_examples]
+        return [item for item in items if item["example"] < self.val_examples]
 
     def val_dataloader(self) -> DataLoader:
         shard = val_shard(self.val_items(), self.trainer.global_rank, self.trainer.world_size)

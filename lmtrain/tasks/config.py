@@ -62,6 +62,10 @@ class TaskConfig:
     """classify, qa, translate: layer-wise LR decay. The head gets optim.lr, block i of L gets
     optim.lr * decay^(L - i), the embeddings optim.lr * decay^(L + 1); 1.0 = one LR for all."""
 
+    val_examples: Optional[int] = None
+    """classify, qa, translate: validate on the first N val examples; null = all of them (whatever
+    the number of ranks; trainer.val_batches sizes only the pretraining tasks' validation)."""
+
     # -- qa -------------------------------------------------------------------------------------
     doc_stride: int = 64
     """qa: overlap in tokens between consecutive windows of a context longer than trainer.seq_len."""
@@ -105,6 +109,8 @@ class TaskConfig:
                      "bleu_examples"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"task.{name}={getattr(self, name)} must be > 0")
+        if self.val_examples is not None and self.val_examples <= 0:
+            raise ValueError(f"task.val_examples={self.val_examples} must be > 0 (or null for all)")
         if self.max_source_tokens is not None and self.max_source_tokens <= 0:
             raise ValueError(f"task.max_source_tokens={self.max_source_tokens} must be > 0 (or null)")
 

@@ -69,7 +69,7 @@ def all_group_options() -> list[tuple[str, str]]:
 
 # Presets that need a user's value (a path) or a bigger model to validate.
 NEEDS = {("data", "text_files"): ["data.paths=[x.txt]"], ("data", "jsonl_files"): ["data.paths=[x.jsonl]"],
-         ("data", "parquet_files"): ["data.paths=[x.parquet]"], ("tokenizer", "pretrained"): ["tokenizer.path=x.json"],
+         ("data", "parquet_files"): ["data.paths=[x.parquet]"], ("data", "task_files"): ["data.paths=[x.jsonl]"], ("tokenizer", "pretrained"): ["tokenizer.path=x.json"],
          ("trainer", "gpu"): ["model=gpt2_124m"]}
 
 

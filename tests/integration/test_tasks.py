@@ -50,7 +50,7 @@ def mood(tmp_path_factory) -> list[str]:
     return overrides
 
 
-def test_masked_lm_accuracy_rises(mood, tmp_path):
+def test_masked_lm_accuracy_rises_and_backs_a_classifier(mood, tmp_path, capsys):
     run = train_in_process([*mood, *TINY_TRAIN, *ENCODER, "task=masked_lm", "trainer.max_steps=200",
                             "trainer.val_every_steps=40", "trainer.seq_len=64", "trainer.micro_batch_size=16"], tmp_path / "mlm")
     accuracy = [row["val/masked_acc"] for row in val_rows(run)]
@@ -63,12 +63,23 @@ def test_masked_lm_accuracy_rises(mood, tmp_path):
     result = evaluate(EvalConfig(ckpt=str(run / "checkpoints" / "last.ckpt"), device="cpu", val_batches=4))
     assert result["val/masked_tokens"] > 100 and abs(result["val/masked_acc"] - accuracy[-1]) < 0.1
 
+    # the encoder is a backbone: its weights load, the new head is reported as such
+    train, val = write_mood_classification_data(tmp_path / "data")
+    capsys.readouterr()
+    cls = train_in_process([*example_overrides(train, val), *TINY_TRAIN, "task=classify", "data.text_column=sentence",
+                            f"init_from={run / 'checkpoints' / 'last.ckpt'}", "trainer.max_steps=30",
+                            "trainer.val_every_steps=30", "trainer.seq_len=64", "trainer.micro_batch_size=16"],
+                           tmp_path / "cls")
+    out = capsys.readouterr().out
+    assert "new, freshly initialised: head.proj.bias, head.proj.weight" in out and "model=tiny is not used" in out
+    assert val_rows(cls)[-1]["val/accuracy"] > 0.7
+
 
 def test_classify_well_above_chance_then_eval_and_predict(tmp_path):
     train, val = write_classification_data(tmp_path / "data")
     run = train_in_process([*example_overrides(train, val), *TINY_TRAIN, *ENCODER, *FINETUNE, "task=classify",
-                            "data.text_column=sentence", "trainer.max_steps=80", "trainer.val_every_steps=40",
-                            "trainer.val_batches=100"], tmp_path / "cls")
+                            "data.text_column=sentence", "trainer.max_steps=80", "trainer.val_every_steps=40"],
+                           tmp_path / "cls")
     last = val_rows(run)[-1]
     assert last["val/accuracy"] >= 0.95 and last["val/macro_f1"] >= 0.95, last  # chance is 0.5
 
@@ -92,7 +103,7 @@ def test_classify_from_a_pretrained_backbone_beats_scratch(mood, tmp_path):
     train, val = write_mood_classification_data(tmp_path / "data", held_out_words=True)
     common = [*example_overrides(train, val), *TINY_TRAIN, "data.text_column=sentence", "task=classify",
               "trainer.max_steps=30", "trainer.val_every_steps=30", "trainer.seq_len=64", "trainer.micro_batch_size=16",
-              "trainer.val_batches=100", "trainer.checkpoint=false"]
+              "trainer.checkpoint=false"]
     scratch = val_rows(train_in_process([*common, *SIZE], tmp_path / "scratch"))[-1]
     pretrained = val_rows(train_in_process([*common, f"init_from={pretrain / 'checkpoints' / 'last.ckpt'}"],
                                            tmp_path / "pretrained"))[-1]
@@ -104,7 +115,7 @@ def test_qa_recovers_answer_spans(tmp_path):
     train, val = write_qa_data(tmp_path / "data")
     run = train_in_process([*example_overrides(train, val), *TINY_TRAIN, *SIZE, *FINETUNE, "model.causal=false",
                             "task=qa", "data.id_column=id", "trainer.max_steps=450", "trainer.val_every_steps=450",
-                            "trainer.val_batches=7"], tmp_path / "qa")
+                            "task.val_examples=100"], tmp_path / "qa")
     last = val_rows(run)[-1]
     assert last["val/exact_match"] > 60 and last["val/f1"] >= last["val/exact_match"], last  # picking one of 3: 33
 

@@ -43,21 +43,25 @@ def train(tmp_path: Path, name: str, args: list[str]) -> Path:
 def test_classify_under_fsdp_matches_one_process(tmp_path):
     data = write_classification_data(tmp_path / "data", n_train=64, n_val=20)
     args = [*example_overrides(*data), *TINY_TRAIN, *MODEL, "task=classify", "model.causal=false", "data.text_column=sentence",
-            "trainer.seq_len=48", "trainer.max_steps=6", "trainer.val_every_steps=6", "trainer.val_batches=10"]
+            "trainer.seq_len=48", "trainer.max_steps=6", "trainer.val_every_steps=6"]
     single = train(tmp_path, "one", [*args, *ONE])
     sharded = train(tmp_path, "fsdp", [*args, *TWO, "strategy=fsdp"])
     one, two = losses_by_step(single), losses_by_step(sharded)
     assert [two[s] for s in range(1, 7)] == pytest.approx([one[s] for s in range(1, 7)], rel=1e-4)
     assert val_rows(sharded)[-1]["val/accuracy"] == pytest.approx(val_rows(single)[-1]["val/accuracy"])
     # the sharded (DCP) checkpoint evaluates directly, head included
-    out = run_cli(["eval", f"ckpt={sharded / 'checkpoints' / 'last.ckpt'}", "device=cpu"], cwd=tmp_path).stdout
-    assert f"accuracy {val_rows(single)[-1]['val/accuracy']}"[:14] in out
+    from lmtrain.config import EvalConfig
+    from lmtrain.evaluate import run as evaluate
+
+    result = evaluate(EvalConfig(ckpt=str(sharded / "checkpoints" / "last.ckpt"), device="cpu"))
+    assert result["val/examples"] == 20
+    assert result["val/accuracy"] == pytest.approx(val_rows(sharded)[-1]["val/accuracy"])
 
 
 def test_qa_under_ddp_gathers_every_example(tmp_path):
     data = write_qa_data(tmp_path / "data", n_train=64, n_val=21)  # 21 examples: one rank gets a filler
     args = [*example_overrides(*data), *TINY_TRAIN, *MODEL, "task=qa", "model.causal=false", "trainer.seq_len=64", "task.doc_stride=16",
-            "trainer.max_steps=4", "trainer.val_every_steps=4", "trainer.val_batches=100"]
+            "trainer.max_steps=4", "trainer.val_every_steps=4"]
     ddp = train(tmp_path, "ddp", [*args, *TWO, "strategy=ddp"])
     last = val_rows(ddp)[-1]
     from lmtrain.config import EvalConfig
@@ -73,8 +77,7 @@ def test_translate_under_zero3_decodes_on_every_rank(tmp_path):
     pytest.importorskip("deepspeed")
     data = write_translation_data(tmp_path / "data", n_train=64, n_val=9)
     args = [*example_overrides(*data), *TINY_TRAIN, *MODEL, "task=translate", "trainer.seq_len=48",
-            "trainer.max_steps=4", "trainer.val_every_steps=4", "task.bleu_examples=9", "task.max_target_tokens=12",
-            "trainer.val_batches=100"]
+            "trainer.max_steps=4", "trainer.val_every_steps=4", "task.bleu_examples=9", "task.max_target_tokens=12"]
     zero3 = train(tmp_path, "zero3", [*args, *TWO, "strategy=deepspeed_zero3"])
     # One process accumulating the same two micro batches: a translation loss is a mean over each
     # micro batch's target tokens, so the micro batches (not just the global batch) must match.

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmtrain.sweep import FINAL_STATE_HOLD_S
+
 from lmtrain_testing import TINY_TRAIN, losses_by_step, run_cli
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.distributed]
@@ -129,7 +131,7 @@ def test_time_limit_signal_requeues_and_the_job_completes(slurm_cluster, prepare
         # A job that requeues itself shows FAILED for a moment on its way back to PENDING.
         if info.get("JobState") in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"):
             final_since = final_since or time.monotonic()
-            if time.monotonic() - final_since > 10:
+            if info.get("JobState") == "COMPLETED" or time.monotonic() - final_since > FINAL_STATE_HOLD_S:
                 break
         else:
             final_since = None
