@@ -10,13 +10,10 @@ import importlib
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-
-from lmtrain.config import conf_dir, register_configs, to_record, to_typed
+if TYPE_CHECKING:  # imported in main(), after the requeue-signal handler is in place
+    from omegaconf import DictConfig
 
 COMMANDS = {
     "prepare": "tokenize and pack a corpus (data=..., tokenizer=...)",
@@ -37,6 +34,7 @@ _COMMAND_ENV = "LMTRAIN_COMMAND"
 
 
 def _prepare(cfg: DictConfig) -> None:
+    from lmtrain.config import to_typed
     from lmtrain.data.prepare import prepare_dataset
 
     typed = to_typed(cfg)
@@ -45,6 +43,9 @@ def _prepare(cfg: DictConfig) -> None:
 
 
 def _train(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from lmtrain.config import to_record, to_typed
     from lmtrain.train import run
 
     typed = to_typed(cfg)
@@ -52,6 +53,9 @@ def _train(cfg: DictConfig) -> None:
 
 
 def _submit(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from lmtrain.config import to_typed
     from lmtrain.submit import run
 
     run(to_typed(cfg), list(HydraConfig.get().overrides.task))
@@ -75,6 +79,8 @@ def _typed_runner(target: str) -> Callable[[DictConfig], None]:
     module, function = target.split(":")
 
     def app(cfg: DictConfig) -> None:
+        from lmtrain.config import to_typed
+
         getattr(importlib.import_module(module), function)(to_typed(cfg))
 
     return app
@@ -125,6 +131,10 @@ def main(argv: list[str] | None = None) -> None:
         from lmtrain.distributed import preemption  # before torch's import: a signal then must not kill us
 
         preemption.install(preemption.requeue_signal())
+    import hydra  # the imports of everything else start here, with the signal handler in place
+
+    from lmtrain.config import conf_dir, register_configs
+
     register_configs()
     app = hydra.main(config_path=str(conf_dir()), config_name=command.replace("-", "_"), version_base="1.3")(_report_errors(_APPS[command]))
     rest = ["dry_run=true" if a == "--dry-run" else a for a in rest] if command == "submit" else rest

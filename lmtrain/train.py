@@ -42,7 +42,14 @@ from lmtrain.inference import load_model, sample_text
 from lmtrain.loggers import build_loggers, load_wandb_state, new_wandb_run_id
 from lmtrain.tasks.base import TaskModule
 from lmtrain.tasks.config import TaskKind
-from lmtrain.train_inputs import RunInputs, build_task, checkpoint_record, init_weights_from, run_inputs
+from lmtrain.train_inputs import (
+    RunInputs,
+    build_task,
+    checkpoint_record,
+    init_weights_from,
+    model_config_dict,
+    run_inputs,
+)
 
 # Dense bf16 peak FLOP/s by device-name fragment; Lightning 2.6 does not know the H200.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -133,8 +140,9 @@ def run(cfg: TrainConfig, record: dict, run_dir: Path) -> None:
         raise ValueError(f"strategy={kind.name} needs DeepSpeed: pip install 'lmtrain[deepspeed]' (DS_BUILD_OPS=0 needs no compiler)")
     inputs = run_inputs(cfg)
     model_cfg = inputs.model_cfg
-    record = {**record, "model": {**record["model"], **({"vocab_size": model_cfg.vocab_size} if cfg.task.kind.pretraining
-                                                         else {"name": model_cfg.name, "vocab_size": model_cfg.vocab_size})}}
+    # The model actually built: its vocabulary from the data, or (fine-tuning from init_from) the backbone's config.
+    record = {**record, "model": model_config_dict(model_cfg) if cfg.init_from and not cfg.task.kind.pretraining
+              else {**record["model"], "vocab_size": model_cfg.vocab_size}}
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = build_task(cfg, inputs, checkpoint_record(record, inputs, kind, tcfg.world_size, cfg.task.kind))

@@ -151,6 +151,12 @@ def run_inputs(cfg: TrainConfig) -> RunInputs:
     return pretraining_inputs(cfg) if cfg.task.kind.pretraining else finetune_inputs(cfg)
 
 
+def model_config_dict(model_cfg: ModelConfig) -> dict:
+    """The model config as plain values (enums by name), as checkpoints and config.yaml hold it."""
+    return {f.name: getattr(getattr(model_cfg, f.name), "value", getattr(model_cfg, f.name))
+            for f in dataclasses.fields(model_cfg)}
+
+
 def checkpoint_record(record: dict, inputs: RunInputs, kind: StrategyKind, world_size: int, task_kind: TaskKind) -> dict:
     """What every checkpoint carries besides tensors: enough to rebuild the model and its head,
     check the data and the layout on resume, and name the W&B run (added once known)."""
@@ -158,8 +164,7 @@ def checkpoint_record(record: dict, inputs: RunInputs, kind: StrategyKind, world
     return {
         "version": __version__,
         "config": record,
-        "model_config": {f.name: getattr(getattr(model_cfg, f.name), "value", getattr(model_cfg, f.name))
-                         for f in dataclasses.fields(model_cfg)},
+        "model_config": model_config_dict(model_cfg),
         "task": {"kind": task_kind.name, **inputs.task_info},
         "tokenizer_hash": inputs.tokenizer_hash,
         "eos_token": inputs.eos_token,

@@ -24,6 +24,24 @@ def test_help_lists_groups_and_commands(tmp_path):
     assert all(cmd in top for cmd in ("prepare", "train", "generate", "eval"))
 
 
+def test_a_requeue_signal_during_startup_does_not_kill_a_slurm_task(tmp_path):
+    """SLURM may send the time-limit signal up to a minute early, so it can arrive while the task
+    still imports torch and Lightning (seconds): the handler must be in place before those imports."""
+    import signal
+    import time
+
+    code = "import lmtrain.cli, sys; print(sorted(m for m in ('torch', 'lightning', 'hydra') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+    env = {**os.environ, **CHILD_ENV, "SLURM_JOB_ID": "4242"}
+    proc = subprocess.Popen([sys.executable, "-m", "lmtrain", "train", "--help"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # inside the imports of the training stack (they take seconds)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, (proc.returncode, err[-2000:])
+    assert "model:" in out
+
+
 def test_bad_override_fails_before_work_with_a_named_key(tmp_path):
     proc = run_cli(["train", "trainer.max_stepz=3"], cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "max_stepz" in proc.stderr
