@@ -10,8 +10,8 @@ Sequences are built with lmtrain's reserved special tokens (see `lmtrain.data.to
 from __future__ import annotations
 
 import math
-import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -68,7 +68,7 @@ def load_splits(cfg: DataConfig) -> tuple["datasets.Dataset", "datasets.Dataset"
             f"data.source={cfg.source.name} holds plain text without labels; fine-tuning tasks read json, csv, "
             "parquet or hub datasets (e.g. data=sst2, or data.source=json data.paths=[train.jsonl])"
         )
-    scratch = tempfile.mkdtemp(prefix="lmtrain-examples-")
+    scratch = str(Path(cfg.cache_dir).expanduser() / "hf_examples")  # datasets' Arrow cache of local files, reused
     if cfg.source is SourceKind.hub:
         train = load_hub_split(cfg, cfg.hub_split)
         val = load_hub_split(cfg, cfg.hub_val_split) if cfg.hub_val_split else None
