@@ -26,6 +26,14 @@ def run(cfg: EvalConfig) -> dict[str, float]:
     return evaluate_task(cfg)
 
 
+def val_windows(data_dir: Path, meta, seq_len: int, val_batches: int | None, micro: int) -> ValWindows:
+    """The first val_batches x micro windows of a prepared val split (all when None), on one process."""
+    available = count_windows(meta.n_val_tokens, seq_len)
+    n_windows = available if val_batches is None else min(available, val_batches * micro)
+    return ValWindows(data_dir / "val.bin", dtype=meta.dtype, n_tokens=meta.n_val_tokens, seq_len=seq_len,
+                      n_windows=n_windows, rank=0, world_size=1)
+
+
 @torch.no_grad()
 def evaluate_causal_lm(cfg: EvalConfig) -> dict[str, float]:
     model, record = load_model(cfg.ckpt, cfg.device)
@@ -37,10 +45,8 @@ def evaluate_causal_lm(cfg: EvalConfig) -> dict[str, float]:
         raise ValueError(f"{data_dir} was prepared with another tokenizer than checkpoint {cfg.ckpt} was trained with")
     seq_len = trainer_cfg["seq_len"]
     micro = cfg.micro_batch_size or trainer_cfg["micro_batch_size"]
-    available = count_windows(meta.n_val_tokens, seq_len)
-    n_windows = available if cfg.val_batches is None else min(available, cfg.val_batches * micro)
-    windows = ValWindows(data_dir / "val.bin", dtype=meta.dtype, n_tokens=meta.n_val_tokens, seq_len=seq_len,
-                         n_windows=n_windows, rank=0, world_size=1)
+    windows = val_windows(data_dir, meta, seq_len, cfg.val_batches, micro)
+    n_windows = len(windows)
     loader = torch.utils.data.DataLoader(windows, batch_size=micro)
     device = next(model.parameters()).device
     loss_sum, tokens = 0.0, 0

@@ -17,6 +17,7 @@ from lmtrain.data.examples import Collate, Features, Specials, build_features, l
 from lmtrain.data.tokenizers import Tokenizer, special_id
 from lmtrain.inference import load_run_tokenizer, model_config_from_record, resolve_device, task_kind
 from lmtrain.optim import OptimConfig, ScheduleConfig
+from lmtrain.tasks import make_task
 from lmtrain.tasks.base import TaskModule
 from lmtrain.tasks.config import TaskConfig, TaskKind
 
@@ -52,31 +53,9 @@ def load_task(ckpt: str | Path, device: str = "auto") -> LoadedTask:
     task_cfg = typed_from_record(TaskConfig, config.get("task", {}))
     model_cfg = model_config_from_record(record["model_config"])
     tokenizer = load_run_tokenizer(ckpt, record)
-    common = {"max_steps": 1, "seed": config.get("seed", 0), "grad_clip": 0.0, "accumulate": 1, "record": record}
-    args = (model_cfg, OptimConfig(), ScheduleConfig())
-    match kind:
-        case TaskKind.causal_lm:
-            from lmtrain.tasks.causal_lm import CausalLMTask
-
-            task = CausalLMTask(*args, **common)
-        case TaskKind.masked_lm:
-            from lmtrain.tasks.masked_lm import MaskedLMTask, VocabTables
-
-            vocab = VocabTables(tokenizer, model_cfg.padded_vocab_size, list(tokenizer.special_token_ids().values()),
-                                mask_id=special_id(tokenizer, "<|mask|>", "task=masked_lm"))
-            task = MaskedLMTask(*args, task_cfg=task_cfg, vocab=vocab, **common)
-        case TaskKind.classify:
-            from lmtrain.tasks.finetune import ClassifyTask
-
-            task = ClassifyTask(*args, task_cfg=task_cfg, label_names=record["task"]["label_names"], **common)
-        case TaskKind.qa:
-            from lmtrain.tasks.finetune import QATask
-
-            task = QATask(*args, task_cfg=task_cfg, **common)
-        case TaskKind.translate:
-            from lmtrain.tasks.finetune import TranslateTask
-
-            task = TranslateTask(*args, task_cfg=task_cfg, eos_id=tokenizer.eos_id, **common)
+    task = make_task(task_cfg, model_cfg, OptimConfig(), ScheduleConfig(), tokenizer=tokenizer,
+                     label_names=record.get("task", {}).get("label_names"), max_steps=1, seed=config.get("seed", 0),
+                     grad_clip=0.0, accumulate=1, record=record)
     weights = load_weights(Path(ckpt))
     _, aliases = expected_shapes(task)
     result = task.load_state_dict(weights, strict=False)
@@ -139,31 +118,19 @@ def evaluate_task(cfg) -> dict[str, float]:
 
 def evaluate_masked_lm(loaded: LoadedTask, val_batches: int | None, size: int) -> dict[str, float]:
     from lmtrain.data.prepare import load_prepared
-    from lmtrain.data.sampler import ValWindows, count_windows
-    from lmtrain.tasks.masked_lm import IGNORE
+    from lmtrain.evaluate import val_windows
 
     data_dir = Path(loaded.record["data_dir"])
-    meta = load_prepared(data_dir).meta
-    available = count_windows(meta.n_val_tokens, loaded.seq_len)
-    n_windows = available if val_batches is None else min(available, val_batches * size)
-    windows = ValWindows(data_dir / "val.bin", dtype=meta.dtype, n_tokens=meta.n_val_tokens, seq_len=loaded.seq_len,
-                         n_windows=n_windows, rank=0, world_size=1)
-    task, device = loaded.task, loaded.device
+    windows = val_windows(data_dir, load_prepared(data_dir).meta, loaded.seq_len, val_batches, size)
     loss_sum, correct, count = 0.0, 0, 0
     for i, batch in enumerate(torch.utils.data.DataLoader(windows, batch_size=size)):
-        generator = torch.Generator(device=device).manual_seed(task.seed * 7919 + i)
-        inputs, labels = task.masked(batch[:, :-1].to(device), generator)
-        logits = task.model(inputs)
-        picked = labels != IGNORE
-        loss_sum += torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                                                      reduction="sum").item()
-        correct += int(((logits.argmax(-1) == labels) & picked).sum())
-        count += int(picked.sum())
+        scores = loaded.task.masked_scores(batch[:, :-1].to(loaded.device), i)
+        loss_sum, correct, count = loss_sum + scores[0].item(), correct + int(scores[1]), count + int(scores[2])
     return {"val/loss": loss_sum / max(1, count), "val/masked_acc": correct / max(1, count), "val/masked_tokens": float(count)}
 
 
 def evaluate_classify(loaded: LoadedTask, items: list[dict], pad: int, size: int) -> dict[str, float]:
-    from lmtrain.tasks.finetune import classification_scores
+    from lmtrain.tasks.finetune import classification_scores, confusion_counts
 
     n = len(loaded.record["task"]["label_names"])
     confusion = torch.zeros(n, n, dtype=torch.float64)
@@ -171,7 +138,7 @@ def evaluate_classify(loaded: LoadedTask, items: list[dict], pad: int, size: int
     for batch in batches(items, loaded.kind, pad, size, loaded.device):
         logits = loaded.task(batch)
         loss_sum += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
-        confusion += torch.bincount((batch["labels"] * n + logits.argmax(-1)).cpu(), minlength=n * n).view(n, n)
+        confusion += confusion_counts(batch["labels"], logits.argmax(-1), n).cpu()
     return {"val/loss": loss_sum / max(1, len(items)), **classification_scores(confusion), "val/examples": float(len(items))}
 
 

@@ -22,6 +22,7 @@ from lmtrain.distributed.config import StrategyKind
 from lmtrain.distributed.rank import say
 from lmtrain.model.config import ModelConfig
 from lmtrain.tasks.base import TaskModule
+from lmtrain.tasks import make_task
 from lmtrain.tasks.config import TaskKind
 
 
@@ -176,35 +177,9 @@ def checkpoint_record(record: dict, inputs: RunInputs, kind: StrategyKind, world
 
 def build_task(cfg: TrainConfig, inputs: RunInputs, record: dict) -> TaskModule:
     tcfg = cfg.trainer
-    common = dict(max_steps=tcfg.max_steps, seed=cfg.seed, grad_clip=tcfg.grad_clip, accumulate=tcfg.accumulation(),
-                  record=record)
-    args = (inputs.model_cfg, cfg.optim, cfg.schedule)
-    match cfg.task.kind:
-        case TaskKind.causal_lm:
-            from lmtrain.tasks.causal_lm import CausalLMTask
-
-            return CausalLMTask(*args, **common)
-        case TaskKind.masked_lm:
-            from lmtrain.tasks.masked_lm import MaskedLMTask, VocabTables
-
-            tokenizer = inputs.tokenizer
-            specials = list(tokenizer.special_token_ids().values())
-            vocab = VocabTables(tokenizer, inputs.model_cfg.padded_vocab_size, specials,
-                                mask_id=special_id(tokenizer, "<|mask|>", "task=masked_lm"))
-            return MaskedLMTask(*args, task_cfg=cfg.task, vocab=vocab, **common)
-        case TaskKind.classify:
-            from lmtrain.tasks.finetune import ClassifyTask
-
-            return ClassifyTask(*args, task_cfg=cfg.task, label_names=inputs.task_info["label_names"], **common)
-        case TaskKind.qa:
-            from lmtrain.tasks.finetune import QATask
-
-            return QATask(*args, task_cfg=cfg.task, **common)
-        case TaskKind.translate:
-            from lmtrain.tasks.finetune import TranslateTask
-
-            return TranslateTask(*args, task_cfg=cfg.task, eos_id=inputs.tokenizer.eos_id, **common)
-    raise ValueError(f"task.kind={cfg.task.kind} is not supported; use one of {[k.name for k in TaskKind]}")
+    return make_task(cfg.task, inputs.model_cfg, cfg.optim, cfg.schedule, tokenizer=inputs.tokenizer,
+                     label_names=inputs.task_info.get("label_names"), max_steps=tcfg.max_steps, seed=cfg.seed,
+                     grad_clip=tcfg.grad_clip, accumulate=tcfg.accumulation(), record=record)
 
 
 def init_weights_from(task: TaskModule, path: str, tokenizer_hash: str) -> None:

@@ -67,15 +67,18 @@ class ClassifyTask(_HeadTask):
         logits = self(batch)
         valid = batch["valid"]
         self._val_loss_sum += F.cross_entropy(logits[valid], batch["labels"][valid], reduction="sum").double()
-        n = len(self.label_names)
-        pairs = batch["labels"][valid] * n + logits[valid].argmax(-1)
-        self._confusion += torch.bincount(pairs, minlength=n * n).view(n, n)
+        self._confusion += confusion_counts(batch["labels"][valid], logits[valid].argmax(-1), len(self.label_names))
 
     def on_validation_epoch_end(self) -> None:
         confusion = self.trainer.strategy.reduce(self._confusion.clone(), reduce_op="sum")
         loss_sum = self.trainer.strategy.reduce(self._val_loss_sum.clone(), reduce_op="sum")
         self.last_val = {"val/loss": (loss_sum / confusion.sum().clamp(min=1)).item(),
                          **classification_scores(confusion.cpu())}
+
+
+def confusion_counts(labels: Tensor, predicted: Tensor, n: int) -> Tensor:
+    """(n, n) counts: rows the true class, columns the predicted one."""
+    return torch.bincount(labels * n + predicted, minlength=n * n).view(n, n)
 
 
 def classification_scores(confusion: Tensor) -> dict[str, float]:

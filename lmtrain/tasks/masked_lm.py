@@ -103,16 +103,21 @@ class MaskedLMTask(TaskModule):
         self._val_tokens.zero_()
         self._val_correct = torch.zeros((), dtype=torch.float64, device=self.device)
 
-    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        generator = torch.Generator(device=self.device).manual_seed(self.seed * 7919 + batch_idx * 104_729
-                                                                     + self.global_rank)
-        inputs, labels = self.masked(batch[:, :-1], generator)
+    def masked_scores(self, ids: Tensor, batch_idx: int, rank: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """(loss sum, correct, predicted tokens) over fixed masks of ids (B, T): the masks depend only
+        on (seed, batch, rank), so every validation and `lmtrain eval` score the same positions."""
+        generator = torch.Generator(device=ids.device).manual_seed(self.seed * 7919 + batch_idx * 104_729 + rank)
+        inputs, labels = self.masked(ids, generator)
         logits = self.model(inputs)
         picked = labels != IGNORE
-        self._val_loss_sum += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                                              reduction="sum").double()
-        self._val_tokens += picked.sum()
-        self._val_correct += ((logits.argmax(-1) == labels) & picked).sum()
+        loss_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+        return loss_sum.double(), ((logits.argmax(-1) == labels) & picked).sum(), picked.sum()
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        loss_sum, correct, count = self.masked_scores(batch[:, :-1], batch_idx, self.global_rank)
+        self._val_loss_sum += loss_sum
+        self._val_tokens += count
+        self._val_correct += correct
 
     def on_validation_epoch_end(self) -> None:
         reduce = lambda t: self.trainer.strategy.reduce(t.clone(), reduce_op="sum")  # noqa: E731
