@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -44,12 +46,25 @@ def _prepare(cfg: DictConfig) -> None:
 
 def _train(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
 
-    from lmtrain.config import to_record, to_typed
+    from lmtrain.config import launcher_rank, to_record, to_typed
     from lmtrain.train import run
 
-    typed = to_typed(cfg)
-    run(typed, to_record(cfg), Path(HydraConfig.get().runtime.output_dir))
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        typed = to_typed(cfg)
+    except ValueError:
+        # Hydra made the run dir before the config could be checked: a new run that never started
+        # leaves nothing behind.
+        if not any(run_dir.iterdir()) and launcher_rank() == 0:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    hydra = HydraConfig.get()
+    # Hydra's record of the invocation, as its output_subdir would hold it; written by the run's owner.
+    hydra_files = {".hydra/config.yaml": OmegaConf.to_yaml(cfg), ".hydra/hydra.yaml": OmegaConf.to_yaml({"hydra": hydra}),
+                   ".hydra/overrides.yaml": OmegaConf.to_yaml(list(hydra.overrides.task))}
+    run(typed, to_record(cfg), run_dir, hydra_files=hydra_files)
 
 
 def _submit(cfg: DictConfig) -> None:
@@ -97,18 +112,45 @@ def _report_errors(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], N
 
     def wrapped(cfg: DictConfig) -> None:
         from lightning.fabric.utilities.exceptions import MisconfigurationException
+        from omegaconf.errors import OmegaConfBaseException
 
         from lmtrain.checkpoint import CheckpointError
+        from lmtrain.config_errors import describe
 
         try:
             fn(cfg)
-        except (ValueError, FileNotFoundError, CheckpointError, FloatingPointError, MisconfigurationException) as e:
+        except (ValueError, FileNotFoundError, CheckpointError, FloatingPointError, MisconfigurationException,
+                OmegaConfBaseException) as e:
             if os.environ.get("LMTRAIN_DEBUG"):
                 raise
-            print(f"lmtrain: error: {e}", file=sys.stderr, flush=True)
+            message = describe(e) if isinstance(e, OmegaConfBaseException) else str(e)
+            if message is None:
+                raise
+            print(f"lmtrain: error: {message}", file=sys.stderr, flush=True)
             sys.exit(2)
 
     return wrapped
+
+
+# Keys whose values are free text (a prompt, a sentence): `prompt="def parse("` reaches us from a
+# shell as `prompt=def parse(`, which Hydra's override grammar rejects; such a value is quoted for it.
+FREE_TEXT_KEYS = ("prompt", "text", "text_pair", "question", "context", "trainer.sample_prompt")
+
+
+def quote_free_text(arg: str) -> str:
+    key, sep, value = arg.partition("=")
+    if not sep or key not in FREE_TEXT_KEYS or (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):
+        return arg
+    # Hydra's quoted strings: backslashes are literal except before a quote or at the end.
+    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
+    return f"{key}='{escaped}'"
+
+
+def hydra_args(command: str, args: list[str]) -> list[str]:
+    """The command line as Hydra's override parser takes it."""
+    args = ["dry_run=true" if a == "--dry-run" else a for a in args] if command == "submit" else args
+    return [quote_free_text(a) for a in args]
 
 
 def usage() -> str:
@@ -137,6 +179,18 @@ def main(argv: list[str] | None = None) -> None:
 
     register_configs()
     app = hydra.main(config_path=str(conf_dir()), config_name=command.replace("-", "_"), version_base="1.3")(_report_errors(_APPS[command]))
-    rest = ["dry_run=true" if a == "--dry-run" else a for a in rest] if command == "submit" else rest
+    rest = hydra_args(command, rest)
     sys.argv = [sys.argv[0], *rest]  # Hydra parses sys.argv
-    app()
+    # Hydra's errors reach us whole (it would print a traceback, or a hint to add a typo'd key with
+    # `+`): a config mistake becomes one line, anything else keeps its traceback.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        app()
+    except Exception as e:
+        from lmtrain.config_errors import describe
+
+        message = None if os.environ.get("LMTRAIN_DEBUG") else describe(e)
+        if message is None:
+            raise
+        print(f"lmtrain: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)

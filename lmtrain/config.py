@@ -130,6 +130,8 @@ class TrainConfig:
     when the run resumes from its own checkpoint."""
 
     def __post_init__(self) -> None:
+        if self.run_name is not None:
+            check_run_name(self.run_name)
         if self.resume not in ("auto", "never") and not Path(self.resume).suffix and "/" not in self.resume:
             raise ValueError(f"resume={self.resume!r} is not auto, never or a checkpoint path")
         if self.trainer.seq_len > self.model.max_seq_len:
@@ -164,6 +166,10 @@ class GenerateConfig:
     beam_size: Optional[int] = None
     """A task=translate checkpoint: the prompt is a source sentence, decoded with this beam width
     (None = the run's task.beam_size); sampling options do not apply."""
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples={self.num_samples} must be >= 1 (the number of samples to print)")
 
 
 @dataclass
@@ -211,17 +217,27 @@ class ExportConfig:
     """fp32 or bf16."""
     out: Optional[str] = None
     """Output file; default runs/<run>/export-<checkpoint>-<dtype>.pt|.safetensors."""
+    overwrite: bool = False
+    """Replace an existing file at `out` (never a checkpoint of a run)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"dtype={self.dtype!r} is not one of fp32, bf16")
 
 
+def check_run_name(name: str) -> str:
+    """A run name is one path component under runs_dir: `..`, `a/b` or `.` would write elsewhere."""
+    if name in ("", ".", "..") or "/" in name or os.sep in name or "\0" in name or name.startswith("-"):
+        raise ValueError(f"run_name={name!r} is not a plain directory name (one path component, no '/', not '.' "
+                         "or '..', not starting with '-'); choose e.g. run_name=gpt2-a, or set runs_dir= for another place")
+    return name
+
+
 def default_run_name(explicit: Optional[str]) -> str:
     """Stable across SLURM requeues (the job id) and for Lightning's child processes (they get the
     parent's run dir); a timestamp otherwise."""
-    if explicit:
-        return explicit
+    if explicit is not None:
+        return check_run_name(str(explicit))
     if job := os.environ.get("SLURM_ARRAY_JOB_ID"):
         return f"job{job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
     if job := os.environ.get("SLURM_JOB_ID"):
@@ -269,14 +285,14 @@ def register_configs() -> None:
     cs.store(name="sweep_report_schema", node=SweepReportConfig)
     if not OmegaConf.has_resolver("lmtrain_run_name"):
         OmegaConf.register_new_resolver("lmtrain_run_name", default_run_name, use_cache=True)
-    if not OmegaConf.has_resolver("lmtrain_output_subdir"):
-        # Hydra's .hydra/ copy of the config: written by the job's first process only (srun and
-        # torchrun start every rank as its own Hydra app in the same run dir).
-        OmegaConf.register_new_resolver("lmtrain_output_subdir", lambda: None if launcher_rank() else ".hydra")
 
 
 def to_typed(cfg: DictConfig) -> Any:
-    """DictConfig -> the schema's dataclasses, running every __post_init__ check."""
+    """DictConfig -> the schema's dataclasses, running every __post_init__ check. A key the schema
+    does not have (added with `+key=value`) is refused, not ignored."""
+    from lmtrain.config_errors import check_known_keys
+
+    check_known_keys(cfg)
     return OmegaConf.to_object(cfg)
 
 

@@ -23,9 +23,19 @@ def model_config_from_record(record: dict) -> ModelConfig:
 
 
 def resolve_device(device: str) -> torch.device:
+    """auto (a CUDA GPU when there is one), cpu, cuda or cuda:N; an unusable one is refused by name."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device} but this machine has no usable CUDA GPU (torch {torch.__version__}, built "
+                         f"with CUDA {torch.version.cuda}); use device=cpu or device=auto")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return chosen
 
 
 def task_kind(record: dict) -> str:

@@ -16,6 +16,8 @@ from typing import List, Optional
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from lmtrain.distributed.rank import is_rank_zero
+
 
 class WandbMode(Enum):
     auto = "auto"
@@ -44,9 +46,15 @@ class LoggerConfig:
 
 
 class JsonlLogger(Logger):
-    def __init__(self, path: Path) -> None:
+    """metrics.jsonl: one row per logging call. A resumed run first drops the rows after its
+    checkpoint's step (the attempt that logged them died; the resumed run logs those steps again),
+    so every step appears once."""
+
+    def __init__(self, path: Path, resume_step: int = 0) -> None:
         super().__init__()
         self.path = Path(path)
+        if is_rank_zero() and self.path.is_file():
+            drop_rows_after(self.path, resume_step)
 
     @property
     def name(self) -> str:
@@ -68,9 +76,19 @@ class JsonlLogger(Logger):
             f.write(json.dumps(row) + "\n")
 
 
+def drop_rows_after(path: Path, step: int) -> None:
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 def build_loggers(cfg: LoggerConfig, run_dir: Path, *, record: dict, wandb_run_id: str | None,
                   resume_step: int = 0) -> list[Logger]:
-    loggers: list[Logger] = [JsonlLogger(run_dir / "metrics.jsonl")]
+    loggers: list[Logger] = [JsonlLogger(run_dir / "metrics.jsonl", resume_step)]
     if cfg.csv:
         loggers.append(CSVLogger(run_dir, name="csv", version=""))
     if cfg.tensorboard:

@@ -48,15 +48,27 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     kind: ScheduleKind = ScheduleKind.cosine
-    warmup_steps: int = 100
-    """Linear warmup from 0 over this many optimizer steps."""
+    warmup_steps: Optional[int] = None
+    """Linear warmup from 0 over this many optimizer steps; None = min(100, trainer.max_steps // 5), so
+    a short run still spends most of its steps at optim.lr. Must be below trainer.max_steps."""
     min_lr_ratio: float = 0.1
     """The floor of the decay, as a fraction of optim.lr."""
     decay_fraction: float = 0.2
     """wsd: the last fraction of training spent decaying linearly to the floor."""
 
+    def resolved_warmup_steps(self, max_steps: int) -> int:
+        return min(100, max_steps // 5) if self.warmup_steps is None else self.warmup_steps
+
+    def warmup_warning(self, max_steps: int) -> str | None:
+        """A warning when the warmup never ends: the whole run below optim.lr."""
+        if self.warmup_steps is None or self.warmup_steps < max_steps:
+            return None
+        return (f"warning: schedule.warmup_steps={self.warmup_steps} is not below trainer.max_steps={max_steps}: the run "
+                f"ends before the learning rate reaches optim.lr (it peaks at {max_steps / (self.warmup_steps + 1):.0%} "
+                f"of it). Lower schedule.warmup_steps (e.g. {max_steps // 5}), or leave it unset (null: min(100, max_steps // 5))")
+
     def __post_init__(self) -> None:
-        if self.warmup_steps < 0:
+        if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"schedule.warmup_steps={self.warmup_steps} must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"schedule.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
@@ -116,7 +128,7 @@ class LRMultiplier:
 
     def __init__(self, cfg: ScheduleConfig, max_steps: int) -> None:
         self.kind = cfg.kind.value
-        self.warmup_steps = cfg.warmup_steps
+        self.warmup_steps = cfg.resolved_warmup_steps(max_steps)
         self.max_steps = max_steps
         self.min_lr_ratio = cfg.min_lr_ratio
         self.decay_steps = max(1, round(cfg.decay_fraction * max_steps))

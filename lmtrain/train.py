@@ -6,19 +6,21 @@ resumes from the newest valid checkpoint of the run, trains, and prints a summar
 
 from __future__ import annotations
 
-import os
 import importlib.util
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 import lightning as L
 import numpy as np
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 import torch
 import yaml
 
 from lmtrain.callbacks.checkpoint import StepCheckpoint
-from lmtrain.callbacks.requeue import RequeueOnSignal
+from lmtrain.callbacks.requeue import RequeueExit, RequeueOnSignal
 from lmtrain.callbacks.step_metrics import StepMetrics
 from lmtrain.checkpoint import (
     AtomicCheckpointIO,
@@ -28,7 +30,9 @@ from lmtrain.checkpoint import (
     list_step_checkpoints,
     load_record,
 )
+from lmtrain.checkpoint.faults import set_run_name
 from lmtrain.checkpoint.io import remove_stale_temp_files
+from lmtrain.checkpoint.owner import RunDirOwner
 from lmtrain.config import TrainConfig, TrainerConfig
 from lmtrain.data.tokenizers import TOKENIZER_FILE, load_tokenizer
 from lmtrain.distributed.parallelize import apply_activation_checkpointing, apply_compile
@@ -106,11 +110,14 @@ def choose_checkpoint(cfg: TrainConfig, ckpt_dir: Path, task: TaskModule, layout
             return Path(path)
 
 
-def write_run_files(run_dir: Path, record: dict, inputs: RunInputs) -> None:
+def write_run_files(run_dir: Path, record: dict, inputs: RunInputs, hydra_files: dict[str, str]) -> None:
     if not is_rank_zero():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+    for name, text in hydra_files.items():
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text(text)
     tokenizer_dir = run_dir / "tokenizer"
     if inputs.data_dir is None:  # fine-tuning: the backbone's (or a byte) tokenizer, saved as it is
         inputs.tokenizer.save(tokenizer_dir)
@@ -131,10 +138,31 @@ def resolve_wandb_run(cfg: TrainConfig, run_dir: Path, ckpt_path: Path | None) -
     return int(resumed.get("global_step", 0)), run_id
 
 
-def run(cfg: TrainConfig, record: dict, run_dir: Path) -> None:
+def run(cfg: TrainConfig, record: dict, run_dir: Path, *, hydra_files: dict[str, str] | None = None) -> None:
+    """Train into run_dir, which rank 0 owns (one live writer per run dir) until it returns.
+    hydra_files: {relative path: text} of the invocation's record (.hydra/), written by the owner."""
+    set_run_name(run_dir.name)
+    check_slurm_environment(devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes)
+    owner = RunDirOwner(run_dir, log=say) if is_rank_zero() else None
+    try:
+        train(cfg, record, run_dir, hydra_files or {})
+    finally:
+        if owner is not None:
+            owner.release()
+
+
+def check_accelerator(tcfg: TrainerConfig) -> None:
+    if tcfg.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"trainer.accelerator={tcfg.accelerator} but this machine has no usable CUDA GPU (torch "
+                         f"{torch.__version__}, built with CUDA {torch.version.cuda}); use trainer.accelerator=cpu or auto")
+
+
+def train(cfg: TrainConfig, record: dict, run_dir: Path, hydra_files: dict[str, str]) -> None:
     started = time.perf_counter()
     tcfg = cfg.trainer
-    check_slurm_environment(devices=tcfg.devices, num_nodes=tcfg.num_nodes)
+    check_accelerator(tcfg)
+    if warning := cfg.schedule.warmup_warning(tcfg.max_steps):
+        say(warning)
     kind = resolve_kind(cfg.strategy, tcfg.world_size)
     if kind.name.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         raise ValueError(f"strategy={kind.name} needs DeepSpeed: pip install 'lmtrain[deepspeed]' (DS_BUILD_OPS=0 needs no compiler)")
@@ -147,15 +175,20 @@ def run(cfg: TrainConfig, record: dict, run_dir: Path) -> None:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = build_task(cfg, inputs, checkpoint_record(record, inputs, kind, tcfg.world_size, cfg.task.kind))
     ckpt_path = choose_checkpoint(cfg, run_dir / "checkpoints", task, strategy_layout(kind))
+    resume_step, task.record["wandb_run_id"] = resolve_wandb_run(cfg, run_dir, ckpt_path)
+    if check_resume_step(resume_step, tcfg.max_steps, run_dir):
+        return
     if cfg.init_from and ckpt_path is None:
         init_weights_from(task, cfg.init_from, inputs.tokenizer_hash)
-    resume_step, task.record["wandb_run_id"] = resolve_wandb_run(cfg, run_dir, ckpt_path)
+    elif cfg.init_from:
+        say(f"init_from={cfg.init_from} is not used: the run resumes from its own checkpoint {ckpt_path} "
+            "(init_from only starts a new run; choose a new run_name to start from it)")
     if tcfg.activation_checkpointing:
         apply_activation_checkpointing(task.model)
     if tcfg.compile:
         apply_compile(task.model)
     trainer, metrics = build_trainer(cfg, task, run_dir, inputs, kind, record=record, resume_step=resume_step)
-    write_run_files(run_dir, record, inputs)
+    write_run_files(run_dir, record, inputs, hydra_files)
     trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
     say(
         f"run {run_dir} | task {cfg.task.kind.name} | model {model_cfg.name}: {task.model.num_parameters():,} parameters"
@@ -165,16 +198,48 @@ def run(cfg: TrainConfig, record: dict, run_dir: Path) -> None:
         f"accumulation) | strategy {kind.name} | precision {trainer.precision}"
         + (f" | resuming from {ckpt_path}" if ckpt_path else "")
     )
-    trainer.fit(task, datamodule=inputs.datamodule, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(task, datamodule=inputs.datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:  # Lightning stops at the next batch boundary after a SIGTERM
+        raise SystemExit(report_stop("SIGTERM", trainer.global_step, tcfg.max_steps, run_dir, 128 + signal.SIGTERM))
+    except SystemExit as e:
+        if isinstance(e, RequeueExit) or e.code != 1 or not trainer.interrupted:
+            raise
+        # Lightning ends a Ctrl-C (SIGINT) with sys.exit(1).
+        raise SystemExit(report_stop("SIGINT", trainer.global_step, tcfg.max_steps, run_dir, 128 + signal.SIGINT))
     if trainer.interrupted:
-        raise SystemExit(130)
+        raise SystemExit(report_stop("an interruption", trainer.global_step, tcfg.max_steps, run_dir, 130))
     if trainer.global_step < tcfg.max_steps:
         raise RuntimeError(
             f"training stopped at step {trainer.global_step} before trainer.max_steps={tcfg.max_steps} without an error; "
             "the data loader ran dry: check the prepared data"
         )
     if trainer.is_global_zero:
-        summarize(cfg, task, metrics, inputs, time.perf_counter() - started, run_dir)
+        summarize(cfg, task, metrics, inputs, time.perf_counter() - started, run_dir, trainer.global_step)
+
+
+def check_resume_step(resume_step: int, max_steps: int, run_dir: Path) -> bool:
+    """True when the run is already done (nothing to train); raises when its checkpoint is beyond max_steps."""
+    if resume_step > max_steps:
+        raise ValueError(
+            f"run {run_dir.name} is already at step {resume_step}, beyond trainer.max_steps={max_steps}; raise "
+            f"trainer.max_steps above {resume_step} to continue it, or choose a new run_name (a checkpoint is never rolled back)"
+        )
+    if resume_step == max_steps and max_steps > 0:
+        say(f"run {run_dir.name} is already trained to step {resume_step} = trainer.max_steps; nothing to do "
+            "(raise trainer.max_steps to continue it)")
+        return True
+    return False
+
+
+def report_stop(reason: str, step: int, max_steps: int, run_dir: Path, exit_code: int) -> int:
+    """Say where a run that did not reach max_steps stopped and how to continue it; the exit code."""
+    saved = list_step_checkpoints(run_dir / "checkpoints")
+    where = (f"the newest checkpoint is step {saved[0][0]} ({saved[0][1]})" if saved
+             else "no checkpoint was written yet")
+    say(f"lmtrain: training stopped by {reason} at step {step} of {max_steps}; {where}. Continue it with the same "
+        f"command (run_name={run_dir.name}, resume=auto)")
+    return exit_code
 
 
 def build_trainer(cfg: TrainConfig, task: TaskModule, run_dir: Path, inputs: RunInputs, kind: StrategyKind, *,
@@ -242,10 +307,10 @@ def setup_fsdp(task: TaskModule, scfg, tcfg: TrainerConfig, precision: str, on_c
 
 
 def summarize(cfg: TrainConfig, task: TaskModule, metrics: StepMetrics, inputs: RunInputs, seconds: float,
-              run_dir: Path) -> None:
+              run_dir: Path, step: int) -> None:
     tcfg = cfg.trainer
     val = [row for row in metrics.history if "val/loss" in row]
-    print(f"\ntrained to step {tcfg.max_steps} in {seconds:.0f} s; run dir {run_dir}")
+    print(f"\ntrained to step {step} in {seconds:.0f} s; run dir {run_dir}")
     if val and cfg.task.kind is TaskKind.causal_lm:
         last = val[-1]
         entropy = unigram_entropy(inputs.prepared.val, inputs.model_cfg.padded_vocab_size)

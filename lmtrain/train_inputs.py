@@ -16,6 +16,7 @@ from lmtrain.checkpoint import CheckpointError, expected_shapes, load_record, lo
 from lmtrain.config import TrainConfig
 from lmtrain.data.config import TokenizerKind
 from lmtrain.data.datamodule import LMDataModule, TaskDataModule
+from lmtrain.data.sampler import count_windows
 from lmtrain.data.prepare import DatasetMeta, PreparedData, load_prepared, prepared_dir
 from lmtrain.data.tokenizers import TOKENIZER_FILE, ByteTokenizer, Tokenizer, load_tokenizer, special_id
 from lmtrain.distributed.config import StrategyKind
@@ -70,6 +71,21 @@ def check_token_ids(train: np.ndarray, val: np.ndarray, meta: DatasetMeta, vocab
         )
 
 
+def check_step_size(global_batch: int, n_items: int, noun: str, source: str) -> None:
+    """A step that reads more than the whole train split is a mistake (it looks hung for minutes
+    per step on a big batch); one that reads a large part of it is worth a word."""
+    if global_batch > n_items:
+        raise ValueError(
+            f"one optimizer step reads {global_batch:,} {noun} (trainer.global_batch_size, or micro_batch_size x "
+            f"ranks), more than the {n_items:,} of the whole train split of {source}: every step would go through "
+            f"the data {global_batch / n_items:.1f} times. Lower trainer.global_batch_size / trainer.micro_batch_size, "
+            "or train on more data"
+        )
+    if global_batch * 10 > n_items:
+        say(f"note: each step reads {global_batch:,} of the {n_items:,} train {noun} ({global_batch / n_items:.0%}): "
+            f"an epoch every {n_items / global_batch:.1f} steps")
+
+
 def pretraining_inputs(cfg: TrainConfig) -> RunInputs:
     tcfg = cfg.trainer
     data_dir = prepared_dir(cfg.data, cfg.tokenizer)
@@ -82,6 +98,8 @@ def pretraining_inputs(cfg: TrainConfig) -> RunInputs:
         seq_len=tcfg.seq_len, micro_batch_size=tcfg.micro_batch_size, global_batch_size=tcfg.resolved_global_batch_size(),
         seed=cfg.seed, val_batches=tcfg.val_batches, num_workers=tcfg.num_workers,
     )
+    check_step_size(tcfg.resolved_global_batch_size(), count_windows(meta.n_train_tokens, tcfg.seq_len),
+                    f"windows of {tcfg.seq_len} tokens", str(data_dir))
     tokenizer = None
     if cfg.task.kind is TaskKind.masked_lm:
         tokenizer = load_tokenizer(data_dir / TOKENIZER_FILE, eos_token=meta.eos_token)
@@ -142,6 +160,7 @@ def finetune_inputs(cfg: TrainConfig) -> RunInputs:
         val_examples=cfg.task.val_examples, num_workers=tcfg.num_workers, tokenizer=tokenizer,
     )
     noun = "windows" if kind is TaskKind.qa else "examples"
+    check_step_size(tcfg.resolved_global_batch_size(), len(train.items), noun, describe(cfg.data))
     description = (f"data {describe(cfg.data)}: {train.n_examples:,} train / {val.n_examples:,} val examples"
                    + (f" ({len(train.items):,} / {len(val.items):,} {noun})" if len(train.items) != train.n_examples else ""))
     return RunInputs(model_cfg, tokenizer, tokenizer.fingerprint(), tokenizer.eos_token, datamodule, description,

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,15 +63,102 @@ def compose(config_name: str, overrides: list[str]):
         return hydra_compose(config_name=config_name, overrides=overrides)
 
 
-def run_cli(args: list[str], *, cwd: Path, env: dict | None = None, timeout: float = 300, check: bool = True):
-    """`python -m lmtrain ...` as a user runs it; returns the CompletedProcess (output captured)."""
-    full_env = {**os.environ, **CHILD_ENV, **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "lmtrain", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+# A process or a job is judged hung only when it shows no progress (no output, no change under the
+# paths it writes, no change of SLURM state) for this long. Nothing here assumes how long N steps take:
+# a slow or busy machine gets the time it needs, and a hang still ends the test.
+STALL_S = float(os.environ.get("LMTRAIN_TEST_STALL_S", "600"))
+
+
+def tree_signature(paths) -> tuple:
+    """(path, size, mtime) of every file under `paths`: changes whenever anything is written there."""
+    sig = []
+    for root in map(Path, paths):
+        files = [root] if root.is_file() else sorted(root.rglob("*")) if root.is_dir() else []
+        for f in files:
+            try:
+                st = f.stat()
+            except OSError:  # removed between the listing and the stat
+                continue
+            sig.append((str(f), st.st_size, st.st_mtime_ns))
+    return tuple(sig)
+
+
+def wait_for(condition, *, what: str, progress=lambda: None, stall_s: float = STALL_S, poll_s: float = 0.2):
+    """Poll until condition() is truthy and return it; fail only when progress() stays the same
+    for stall_s seconds (the thing waited on is stuck, however fast or slow the machine is)."""
+    last, since = progress(), time.monotonic()
+    while True:
+        result = condition()
+        if result:
+            return result
+        now = progress()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since > stall_s:
+            raise AssertionError(f"gave up waiting for {what}: no progress for {stall_s:.0f} s")
+        time.sleep(poll_s)
+
+
+def start_cli(args: list[str], *, cwd: Path, env: dict | None = None, merge_stderr: bool = False,
+              log: Path | None = None) -> subprocess.Popen:
+    """`python -m lmtrain ...` as a user starts it, in its own process group (so that all its
+    ranks can be killed together). With `log`, stdout and stderr go to that file (to wait for a
+    line while the process runs); otherwise to pipes."""
+    out = open(log, "w") if log else subprocess.PIPE  # noqa: SIM115 - the child holds it; closed when it exits
+    return subprocess.Popen([sys.executable, "-m", "lmtrain", *args], cwd=cwd, env={**os.environ, **CHILD_ENV, **(env or {})},
+                            stdout=out, stderr=subprocess.STDOUT if merge_stderr or log else subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the process and, when it leads its own process group (start_cli), all its ranks."""
+    try:
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+    except ProcessLookupError:
+        pass
+
+
+def communicate(proc: subprocess.Popen, *, what: str, watch=(), stall_s: float = STALL_S) -> tuple[str, str]:
+    """Read the process's output until it exits; kill its process group and fail if it makes no
+    progress (output, or a change under `watch`) for stall_s."""
+    chunks: dict[str, list[str]] = {"stdout": [], "stderr": []}
+
+    def drain(name: str) -> None:
+        for line in iter(getattr(proc, name).readline, ""):
+            chunks[name].append(line)
+
+    readers = [threading.Thread(target=drain, args=(n,), daemon=True) for n in chunks if getattr(proc, n) is not None]
+    for t in readers:
+        t.start()
+    try:
+        wait_for(lambda: proc.poll() is not None, what=f"{what} to exit", stall_s=stall_s,
+                 progress=lambda: (sum(map(len, chunks.values())), tree_signature(watch)))
+    except AssertionError as e:
+        kill_tree(proc)
+        proc.wait()
+        for t in readers:
+            t.join(timeout=10)
+        raise AssertionError(f"{e}; killed it\n--- output\n{''.join(chunks['stdout'])[-3000:]}"
+                             f"\n{''.join(chunks['stderr'])[-3000:]}") from None
+    for t in readers:
+        t.join()
+    return "".join(chunks["stdout"]), "".join(chunks["stderr"])
+
+
+def run_cli(args: list[str], *, cwd: Path, env: dict | None = None, check: bool = True, watch=(),
+            stall_s: float = STALL_S) -> subprocess.CompletedProcess:
+    """`python -m lmtrain ...` as a user runs it; returns the CompletedProcess (output captured).
+    It may take as long as it needs while it makes progress (see STALL_S); `watch` names paths
+    whose changes count as progress for commands that write there rather than print (sweeps)."""
+    proc = start_cli(args, cwd=cwd, env=env)
+    out, err = communicate(proc, what=f"lmtrain {' '.join(args[:1])}", watch=watch, stall_s=stall_s)
     if check and proc.returncode != 0:
-        raise AssertionError(f"lmtrain {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
-                             f"\n--- stderr\n{proc.stderr[-6000:]}")
-    return proc
+        raise AssertionError(f"lmtrain {' '.join(args)} exited {proc.returncode}\n--- stdout\n{out[-4000:]}"
+                             f"\n--- stderr\n{err[-6000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def train_in_process(overrides: list[str], run_dir: Path):

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lmtrain.checkpoint.faults import maybe_kill
+from lmtrain.checkpoint.faults import maybe_hold, maybe_kill
 from lmtrain.checkpoint.files import list_step_checkpoints
 from lmtrain.checkpoint.io import TMP_MARKER, fsync_dir
 
@@ -46,6 +46,7 @@ class StepCheckpoint(L.Callback):
         step = trainer.global_step
         if step % self.every_n_steps == 0 and step != self.last_saved_step:
             self.save(trainer)
+        maybe_hold(step, released=lambda: trainer.received_sigterm)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step != self.last_saved_step:

@@ -21,6 +21,10 @@ from lmtrain.callbacks.checkpoint import StepCheckpoint
 from lmtrain.distributed.preemption import install, received
 
 
+class RequeueExit(SystemExit):
+    """The documented end of an attempt under SLURM: 0 when the job was requeued, 3 when not."""
+
+
 class RequeueOnSignal(L.Callback):
     def __init__(self, checkpoint: StepCheckpoint, *, signum: int, max_requeues: int) -> None:
         self.checkpoint, self.signum, self.max_requeues = checkpoint, signum, max_requeues
@@ -38,7 +42,7 @@ class RequeueOnSignal(L.Callback):
             self.checkpoint.save(trainer)
         requeued = requeue_job(trainer.is_global_zero, self.max_requeues)
         trainer.strategy.barrier("lmtrain_requeue")
-        raise SystemExit(0 if requeued else 3)
+        raise RequeueExit(0 if requeued else 3)
 
 
 def requeue_job(is_rank_zero: bool, max_requeues: int) -> bool:

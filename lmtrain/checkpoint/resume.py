@@ -30,6 +30,13 @@ def check_compatible(path: Path, module: nn.Module, *, layout: Layout, world_siz
     found = detect_layout(path)
     record = load_record(path)
     saved = record["lmtrain"]
+    mine = getattr(module, "record", {}).get("task", {}).get("kind")
+    theirs = saved.get("task", {}).get("kind", "causal_lm")
+    if mine and theirs != mine:
+        raise CheckpointError(
+            f"checkpoint {path} was trained for task={theirs}, but this run trains task={mine}; resume it with "
+            f"task={theirs}, or start a task={mine} run from its weights with init_from={path} and a new run_name"
+        )
     if tokenizer_hash and saved.get("tokenizer_hash") not in (None, tokenizer_hash):
         raise CheckpointError(
             f"checkpoint {path} was trained on data tokenized differently (tokenizer {saved['tokenizer_hash'][:12]}, "

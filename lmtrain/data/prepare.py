@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, NamedTuple, Op
 
 import numpy as np
 
-from lmtrain.data.config import DataConfig, TokenizerConfig, TokenizerKind
+from lmtrain.data.config import DataConfig, SourceKind, TokenizerConfig, TokenizerKind
 
 if TYPE_CHECKING:  # training only reads prepared files: `datasets` is imported where prepare needs it
     import datasets
@@ -193,20 +193,39 @@ def check_prepared(directory: Path, expected_fingerprint: Optional[str] = None) 
     return None
 
 
+def more_documents_hint(data: DataConfig, n_documents: int) -> str:
+    finer = {"document": "data.text_unit=paragraph (blank-line separated) or line", "paragraph": "data.text_unit=line"}
+    unit = getattr(data.text_unit, "name", None)
+    if data.source is SourceKind.text and unit in finer:
+        return f"cut the text into more documents with {finer[unit]}, or give more text"
+    if n_documents < 2:
+        return "the corpus is one document: give more text (more files, lines or rows)"
+    return "give more documents, or change data.val_fraction"
+
+
+def prepare_hint(name: str) -> str:
+    """The prepare command to suggest: `data=<name>` only where a preset of that name exists."""
+    from lmtrain.config import conf_dir
+
+    if (conf_dir() / "data" / f"{name}.yaml").is_file():
+        return f"run `lmtrain prepare data={name} ...` (with the same data.* and tokenizer.* settings)"
+    return "run `lmtrain prepare` with the same data.* and tokenizer.* settings (it prints the directory it makes)"
+
+
 def load_prepared(directory: str | Path) -> PreparedData:
     """Meta and read-only memmaps of a prepared dataset, after checking it is whole."""
     directory = Path(directory).expanduser()
     name = directory.name.rpartition("-")[0] or directory.name
     if not directory.is_dir():
         raise MissingPreparedDataError(
-            f"prepared dataset '{directory}' does not exist; run `lmtrain prepare data={name} ...` "
-            "(with the same data.* and tokenizer.* settings) first"
+            f"prepared dataset '{directory}' does not exist; {prepare_hint(name)} first, or point data.prepared= at "
+            "a directory it made"
         )
     problem = check_prepared(directory)
     if problem is not None:
         raise ValueError(
-            f"prepared dataset '{directory}' is incomplete or damaged ({problem}); run `lmtrain prepare "
-            f"data={name} ...` again: it removes and rebuilds it"
+            f"prepared dataset '{directory}' is incomplete or damaged ({problem}); {prepare_hint(name)} again: it "
+            "removes and rebuilds it"
         )
     meta = load_meta(directory)
     train = np.memmap(directory / TRAIN_FILE, dtype=meta.dtype, mode="r", shape=(meta.n_train_tokens,))
@@ -316,8 +335,7 @@ def _split_documents(
         empty = "train" if len(train_pos) == 0 else "val"
         raise ValueError(
             f"the {empty} split is empty: {len(kept)} document(s) with data.val_fraction={data.val_fraction} give "
-            f"{len(train_pos)} train and {len(val_pos)} val; split the text into more documents "
-            "(data.text_unit=paragraph or line) or change data.val_fraction"
+            f"{len(train_pos)} train and {len(val_pos)} val (the split is by document); {more_documents_hint(data, len(kept))}"
         )
     log(f"prepare: {len(kept)} documents ({n_empty} empty dropped): {len(train_pos)} train, {len(val_pos)} val")
     return kept[train_pos], kept[val_pos], n_bytes

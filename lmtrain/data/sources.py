@@ -112,6 +112,8 @@ def load_documents(cfg: DataConfig, scratch_dir: Path) -> datasets.Dataset:
             return datasets.Dataset.from_dict({"text": texts})
         case SourceKind.text:
             files = [str(path) for path in resolve_local_files(cfg.paths)]
+            for path in files:
+                check_utf8_text(Path(path))
             return datasets.load_dataset(
                 "text", data_files=files, sample_by=cfg.text_unit.name, split="train", cache_dir=hf_cache
             )
@@ -121,6 +123,31 @@ def load_documents(cfg: DataConfig, scratch_dir: Path) -> datasets.Dataset:
         case SourceKind.hub:
             return _text_column(load_hub_split(cfg, cfg.hub_split), cfg.text_column, describe_source(cfg))
     raise ValueError(f"data.source={cfg.source!r} is not handled; use one of {[k.name for k in SourceKind]}")
+
+
+def check_utf8_text(path: Path, chunk_bytes: int = 1 << 22) -> None:
+    """Refuse a file that is not UTF-8 text (a binary file, another encoding), naming the byte offset."""
+    import codecs
+
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            if (nul := chunk.find(b"\0")) >= 0:
+                raise ValueError(f"{path} is not a text file: a NUL byte at byte offset {offset + nul}; "
+                                 "give data.paths only text files (or use data=jsonl_files / parquet_files)")
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path} is not UTF-8 text: byte 0x{chunk[e.start]:02x} at byte offset {offset + e.start} cannot be "
+                    "decoded; convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) or leave it out of data.paths"
+                ) from None
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text: it ends inside a multi-byte character (byte offset {offset}); "
+                         "the file is truncated or in another encoding") from None
 
 
 def load_local_table(cfg: DataConfig, patterns: List[str], hf_cache: str) -> datasets.Dataset:

@@ -67,6 +67,17 @@ class TaskModule(L.LightningModule):
         self._step_on_device = torch.zeros((), dtype=torch.int64, device=self.device)
         self._tokens = zeros(torch.float64)
 
+    def on_train_start(self) -> None:
+        # A resumed run continues the logging window the checkpoint was in: the first train/loss it
+        # logs averages the same micro batches as the uninterrupted run's (restored here, after
+        # every strategy has restored its state).
+        window = getattr(self, "_resumed_window", None)
+        if window is not None:
+            self._loss_sum.fill_(float(window[0]))
+            self._loss_count.fill_(float(window[1]))
+            self._tokens.fill_(float(window[2]))
+            self._resumed_window = None
+
     def configure_model(self) -> None:
         if self.parallelize is not None and not self._parallelized:
             self.parallelize(self.model, self.trainer, self.head_modules())
@@ -170,10 +181,14 @@ class TaskModule(L.LightningModule):
     # -- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.check_finite()  # never write a checkpoint of a model that saw a NaN
-        checkpoint["lmtrain"] = {**self.record, "rng": gather_rng_states(self.trainer)}
+        window = torch.stack([self._loss_sum, self._loss_count, self._tokens]).double().cpu()
+        checkpoint["lmtrain"] = {**self.record, "rng": gather_rank_states(self.trainer, loss_window=window)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        restore_rng_state(checkpoint.get("lmtrain", {}).get("rng"), self.global_rank)
+        rng = checkpoint.get("lmtrain", {}).get("rng")
+        restore_rng_state(rng, self.global_rank)
+        if rng and len(rng["per_rank"]) == self.trainer.world_size and "loss_window" in rng["per_rank"][self.global_rank]:
+            self._resumed_window = rng["per_rank"][self.global_rank]["loss_window"]
         # The peak lr (and the layer-wise decay) follow the current config on resume, like the
         # schedule's shape does.
         for opt, sched in zip(checkpoint.get("optimizer_states", []), checkpoint.get("lr_schedulers", [])):
@@ -188,8 +203,9 @@ def uses_deepspeed(trainer: L.Trainer) -> bool:
     return type(trainer.strategy).__name__.endswith("DeepSpeedStrategy")
 
 
-def gather_rng_states(trainer: L.Trainer) -> dict:
-    """Every rank's torch/cuda/numpy/python RNG, as tensors and plain lists (weights_only-safe)."""
+def gather_rank_states(trainer: L.Trainer, *, loss_window: torch.Tensor) -> dict:
+    """Every rank's torch/cuda/numpy/python RNG and its unlogged loss window (sum, count, tokens),
+    as tensors and plain lists (weights_only-safe)."""
     py_version, py_state, py_gauss = random.getstate()
     np_state = np.random.get_state()
     mine = {
@@ -199,6 +215,7 @@ def gather_rng_states(trainer: L.Trainer) -> dict:
         "numpy_pos": int(np_state[2]),
         "python": torch.tensor(py_state, dtype=torch.int64),
         "python_version": py_version,
+        "loss_window": loss_window,
     }
     if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         gathered: list = [None] * trainer.world_size

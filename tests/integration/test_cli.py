@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
-from lmtrain_testing import CHILD_ENV, REPO, TINY_TRAIN, compose, run_cli
+from lmtrain_testing import CHILD_ENV, REPO, TINY_TRAIN, communicate, compose, run_cli, wait_for
 from lmtrain.config import conf_dir, to_typed
 
 pytestmark = pytest.mark.slow
@@ -24,20 +26,30 @@ def test_help_lists_groups_and_commands(tmp_path):
     assert all(cmd in top for cmd in ("prepare", "train", "generate", "eval"))
 
 
+def usr1_caught(pid: int) -> bool:
+    """Whether process `pid` has a handler for SIGUSR1 (the SigCgt mask of /proc/<pid>/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught >> (signal.SIGUSR1 - 1) & 1)
+
+
 def test_a_requeue_signal_during_startup_does_not_kill_a_slurm_task(tmp_path):
     """SLURM may send the time-limit signal up to a minute early, so it can arrive while the task
     still imports torch and Lightning (seconds): the handler must be in place before those imports."""
-    import signal
-    import time
-
     code = "import lmtrain.cli, sys; print(sorted(m for m in ('torch', 'lightning', 'hydra') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
     env = {**os.environ, **CHILD_ENV, "SLURM_JOB_ID": "4242"}
     proc = subprocess.Popen([sys.executable, "-m", "lmtrain", "train", "--help"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)  # inside the imports of the training stack (they take seconds)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # Signal at the first moment the handler exists (the kernel lists the signal as caught), which
+    # is before the training stack's imports begin; sooner would be before the CLI could catch it.
+    wait_for(lambda: usr1_caught(proc.pid) or proc.poll() is not None, what="the USR1 handler to be installed")
+    assert proc.poll() is None, "the CLI exited before it installed its USR1 handler"
     proc.send_signal(signal.SIGUSR1)
-    out, err = proc.communicate(timeout=120)
+    out, err = communicate(proc, what="lmtrain train --help")
     assert proc.returncode == 0, (proc.returncode, err[-2000:])
     assert "model:" in out
 
@@ -75,7 +87,7 @@ def test_wheel_ships_conf_and_runs_outside_the_checkout(tmp_path):
     elsewhere.mkdir()
     env = {**os.environ, **CHILD_ENV, "PYTHONPATH": str(site)}
     code = "import lmtrain, sys; print(lmtrain.__file__); sys.argv=['lmtrain','train','--help']; from lmtrain.cli import main; main()"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines()[0].startswith(str(site)) and "gpt2_124m" in proc.stdout
 

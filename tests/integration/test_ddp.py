@@ -7,13 +7,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from lmtrain_testing import CHILD_ENV, REPO, TINY_TRAIN, losses_by_step, run_cli
+from lmtrain_testing import CHILD_ENV, REPO, TINY_TRAIN, kill_tree, losses_by_step, run_cli, tree_signature, wait_for
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -93,11 +92,11 @@ def test_multinode_launcher_requires_a_shared_run_name(tmp_path):
 
 def test_sigkill_and_resume_on_two_ranks_is_bitwise_exact(prepared, runs, tmp_path):
     args = ["train", *prepared, *TINY_TRAIN, *COMMON, *TWO_RANKS, "run_name=job"]
-    killed = run_cli(args, cwd=tmp_path, env={"LMTRAIN_FAULT": "kill_after_checkpoint:6"}, check=False, timeout=120)
+    killed = run_cli(args, cwd=tmp_path, env={"LMTRAIN_FAULT": "kill_after_checkpoint:6"}, check=False)
     assert killed.returncode != 0
     run_dir = tmp_path / "runs" / "job"
     assert max(losses_by_step(run_dir)) == 6
-    run_cli(args, cwd=tmp_path, timeout=180)
+    run_cli(args, cwd=tmp_path)
     assert [losses_by_step(run_dir)[s] for s in range(1, 13)] == [losses_by_step(runs["two"])[s] for s in range(1, 13)]
     assert_same_weights(weights(runs["two"]), weights(run_dir), exact=True)
 
@@ -116,14 +115,21 @@ def test_two_rank_checkpoint_resumes_on_one_rank_at_the_same_sample(prepared, ru
 def test_two_nodes_on_localhost(prepared, runs, tmp_path):
     port = str(free_port())
     env = {**os.environ, **CHILD_ENV}
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
     procs = [
         subprocess.Popen([str(REPO / "launch" / "multinode.sh"), "--nodes", "2", "--node-rank", str(rank), "--master",
                           "127.0.0.1", "--port", port, "--run-name", "nodes", "--", sys.executable, "-m", "lmtrain", "train",
                           *prepared, *TINY_TRAIN, *COMMON, "trainer.devices=1", "trainer.micro_batch_size=2"],
-                         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in (0, 1)
+                         cwd=tmp_path, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        for rank, log in enumerate(logs)
     ]
-    outs = [p.communicate(timeout=240)[0] for p in procs]
+    try:
+        wait_for(lambda: all(p.poll() is not None for p in procs), what="both nodes to exit",
+                 progress=lambda: tree_signature(logs))
+    finally:
+        for p in procs:
+            kill_tree(p)
+    outs = [log.read_text() for log in logs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     got, expected = losses_by_step(tmp_path / "runs" / "nodes"), losses_by_step(runs["two"])
     assert [got[s] for s in range(1, 13)] == pytest.approx([expected[s] for s in range(1, 13)], rel=1e-6)
@@ -131,10 +137,11 @@ def test_two_nodes_on_localhost(prepared, runs, tmp_path):
 
 
 def test_a_crashed_rank_ends_the_job_nonzero_without_hanging(prepared, tmp_path):
-    start = time.monotonic()
+    # The collective timeout is far longer than the test's patience: a surviving rank that waited
+    # for it would go silent, and run_cli ends a process that makes no progress for STALL_S.
+    stall_s = 300
     proc = run_cli(["train", *prepared, *TINY_TRAIN, *COMMON, *TWO_RANKS, "run_name=crash",
-                    "strategy.timeout_s=600"], cwd=tmp_path, env={"LMTRAIN_FAULT": "crash:1:3"}, check=False, timeout=120)
-    elapsed = time.monotonic() - start
+                    f"strategy.timeout_s={stall_s * 10}"], cwd=tmp_path, env={"LMTRAIN_FAULT": "crash:1:3"}, check=False,
+                   stall_s=stall_s)
     assert proc.returncode != 0
-    assert elapsed < 60, f"took {elapsed:.0f} s"
     assert "injected crash of rank 1 at step 3" in proc.stdout + proc.stderr

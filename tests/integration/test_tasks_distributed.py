@@ -36,7 +36,7 @@ def train(tmp_path: Path, name: str, args: list[str]) -> Path:
     """Several ranks: real processes. One process: in this one (the reference runs)."""
     if "trainer.devices=1" in args:
         return train_in_process(args, tmp_path / "runs" / name)
-    run_cli(["train", *args, f"run_name={name}"], cwd=tmp_path, timeout=300)
+    run_cli(["train", *args, f"run_name={name}"], cwd=tmp_path)
     return tmp_path / "runs" / name
 
 

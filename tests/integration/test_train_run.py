@@ -3,6 +3,7 @@ SIGKILL, and a kill during a checkpoint write loses nothing."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -38,31 +39,47 @@ COMMON = ["trainer.max_steps=24", "trainer.val_every_steps=100", "model.dropout=
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(prepared, tmp_path_factory) -> Path:
-    cwd = tmp_path_factory.mktemp("uninterrupted")
-    run_cli(["train", *prepared, *TINY_TRAIN, *COMMON, "trainer.ckpt_every_steps=100", "run_name=ref"], cwd=cwd)
-    return cwd / "runs" / "ref"
+def uninterrupted(prepared, tmp_path_factory):
+    """The reference runs, one per logging cadence, made once for the module."""
+    made: dict[int, Path] = {}
+
+    def run_dir(log_every: int) -> Path:
+        if log_every not in made:
+            cwd = tmp_path_factory.mktemp(f"uninterrupted-log{log_every}")
+            run_cli(["train", *prepared, *TINY_TRAIN, *COMMON, "trainer.ckpt_every_steps=100", "run_name=ref",
+                     f"trainer.log_every_steps={log_every}"], cwd=cwd)
+            made[log_every] = cwd / "runs" / "ref"
+        return made[log_every]
+
+    return run_dir
 
 
 def final_state(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
-@pytest.mark.parametrize("kill_step", [6, 16], ids=["mid-epoch-1", "after-epoch-boundary"])
-def test_sigkill_then_resume_is_bitwise_exact(prepared, uninterrupted, tmp_path, kill_step):
-    """N steps, SIGKILL, resume, the rest == the uninterrupted run, loss at every step and final weights.
-    The corpus is ~12 steps per epoch at this batch, so both cases cross an epoch boundary after resuming or before."""
-    args = ["train", *prepared, *TINY_TRAIN, *COMMON, f"trainer.ckpt_every_steps={kill_step}", "run_name=job"]
+@pytest.mark.parametrize("kill_step,log_every", [(6, 1), (16, 1), (6, 5)],
+                         ids=["mid-epoch-1", "after-epoch-boundary", "inside-a-logging-window"])
+def test_sigkill_then_resume_is_bitwise_exact(prepared, uninterrupted, tmp_path, kill_step, log_every):
+    """N steps, SIGKILL, resume, the rest == the uninterrupted run, loss at every logged step and final
+    weights. The corpus is ~12 steps per epoch at this batch, so both cases cross an epoch boundary
+    after resuming or before. Logging every 5 steps with a checkpoint at 6, the first loss the resumed
+    run logs (step 10) averages steps 6-10 as the uninterrupted run's does, not 7-10 only."""
+    args = ["train", *prepared, *TINY_TRAIN, *COMMON, f"trainer.ckpt_every_steps={kill_step}", "run_name=job",
+            f"trainer.log_every_steps={log_every}"]
     killed = run_cli(args, cwd=tmp_path, env={"LMTRAIN_FAULT": f"kill_after_checkpoint:{kill_step}"}, check=False)
     assert killed.returncode == -9, killed.stderr[-3000:]
     run_dir = tmp_path / "runs" / "job"
-    assert max(losses_by_step(run_dir)) == kill_step
+    assert max(losses_by_step(run_dir)) == kill_step - kill_step % log_every
     resumed = run_cli(args, cwd=tmp_path)
     assert f"resuming from {run_dir / 'checkpoints' / f'step-{kill_step:08d}.ckpt'}" in resumed.stdout
-    expected, got = losses_by_step(uninterrupted), losses_by_step(run_dir)
-    assert sorted(got) == list(range(1, 25))
-    assert [got[s] for s in range(1, 25)] == [expected[s] for s in range(1, 25)]  # bitwise: float equality
-    ref, mine = final_state(uninterrupted), final_state(run_dir)
+    expected, got = losses_by_step(uninterrupted(log_every)), losses_by_step(run_dir)
+    logged = [s for s in range(1, 25) if s % log_every == 0 or s == 24]
+    assert sorted(got) == logged
+    assert [got[s] for s in logged] == [expected[s] for s in logged]  # bitwise: float equality
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == len(set(steps)), "a step was logged twice"
+    ref, mine = final_state(uninterrupted(log_every)), final_state(run_dir)
     assert ref.keys() == mine.keys()
     for name in ref:
         assert torch.equal(ref[name], mine[name]), name

@@ -21,7 +21,7 @@ def wandb_records(run_dir: Path) -> list[tuple[str, list[dict]]]:
     for d in sorted((run_dir / "wandb").glob("offline-run-*")):
         log = next(d.glob("run-*.wandb"))
         out = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(log)], capture_output=True, text=True,
-                             timeout=120, check=True).stdout
+                             check=True).stdout
         attempts.append((log.stem.removeprefix("run-"), [json.loads(line) for line in out.splitlines() if line.strip()]))
     return attempts
 

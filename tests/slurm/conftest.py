@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from lmtrain_testing import STALL_S, tree_signature, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "launch" / "local_slurm.sh"
@@ -74,17 +75,29 @@ class SlurmCluster:
         lines = proc.stdout.split() if proc.returncode == 0 else []
         return lines[0].split()[0] if lines else None
 
-    def wait(self, job_id: str, timeout_s: float = 60, states: frozenset[str] | set[str] = FINAL_STATES) -> str:
-        """Poll until the job reaches one of `states` (default: any final state); return that state."""
-        deadline = time.monotonic() + timeout_s
-        state = None
-        while time.monotonic() < deadline:
-            state = self.state(job_id)
-            if state in states:
-                return state
-            time.sleep(0.25)
-        raise AssertionError(f"job {job_id} still {state} after {timeout_s}s (waiting for {sorted(states)}):\n"
-                             f"{self.run('scontrol', 'show', 'job', str(job_id), check=False).stdout}")
+    def wait(self, job_id: str, *, states: frozenset[str] | set[str] = FINAL_STATES, watch=(),
+             stall_s: float = STALL_S) -> str:
+        """Poll until the job reaches one of `states` (default: any final state); return that state.
+        Gives up only when neither the job's state nor any file under `watch` has changed for stall_s."""
+        seen: dict[str, str | None] = {}
+
+        def reached() -> str | None:
+            seen["state"] = self.state(job_id)
+            return seen["state"] if seen["state"] in states else None
+
+        try:
+            return wait_for(reached, what=f"job {job_id} to reach {sorted(states)}", stall_s=stall_s, poll_s=0.25,
+                            progress=lambda: (seen.get("state"), tree_signature(watch)))
+        except AssertionError as e:
+            raise AssertionError(f"{e}; it is {seen.get('state')}:\n"
+                                 f"{self.run('scontrol', 'show', 'job', str(job_id), check=False).stdout}") from None
+
+    def release_requeued(self, job_id: str) -> None:
+        """A requeued job waits ~120 s (BeginTime) once PENDING again; let it start now. The update
+        takes only while the job is PENDING (not during REQUEUED/COMPLETING), so call this while polling."""
+        info = self.job(job_id)
+        if info.get("JobState") == "PENDING" and int(info.get("Restarts", "0")) > 0:
+            self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
 
 
 @pytest.fixture(scope="session")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
+
+from lmtrain_testing import wait_for
 
 pytestmark = pytest.mark.slurm
 
@@ -19,7 +19,7 @@ def test_two_node_job_runs_one_task_per_node(slurm_cluster, tmp_path):
         "srun bash -c 'echo task $SLURMD_NODENAME $SLURM_PROCID $SLURM_NTASKS'\n",
         tmp_path,
     )
-    state = slurm_cluster.wait(job, timeout_s=30)
+    state = slurm_cluster.wait(job, watch=[tmp_path])
     output = (tmp_path / f"two-nodes-{job}.out").read_text()
     assert state == "COMPLETED", output
     tasks = sorted(tuple(line.split()[1:]) for line in output.splitlines() if line.startswith("task "))
@@ -41,23 +41,22 @@ def test_requeued_job_runs_again_with_restart_count(slurm_cluster, tmp_path):
         "sleep 120\n",
         tmp_path,
     )
-    deadline = time.monotonic() + 20
-    while "start restart=0" not in (out.read_text() if out.exists() else ""):
-        assert time.monotonic() < deadline, f"job {job} never started: {slurm_cluster.job(job)}"
-        time.sleep(0.25)
 
+    def text() -> str:
+        return out.read_text() if out.exists() else ""
+
+    wait_for(lambda: "start restart=0" in text(), what=f"job {job} to start",
+             progress=lambda: slurm_cluster.state(job))
     slurm_cluster.run("scontrol", "requeue", job)
-    # A requeued job waits ~120 s (BeginTime) before it may start again: release it once it is pending.
-    deadline = time.monotonic() + 30
-    while "start restart=1" not in out.read_text():
-        assert time.monotonic() < deadline, f"job {job} did not run again: {slurm_cluster.job(job)}\n{out.read_text()}"
-        if slurm_cluster.state(job) == "PENDING":
-            slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
-        time.sleep(0.5)
 
-    assert slurm_cluster.wait(job, timeout_s=20) == "COMPLETED", out.read_text()
+    def restarted() -> bool:
+        slurm_cluster.release_requeued(job)
+        return "start restart=1" in text()
+
+    wait_for(restarted, what=f"job {job} to run again", progress=lambda: (slurm_cluster.state(job), text()), poll_s=0.5)
+    assert slurm_cluster.wait(job, watch=[out]) == "COMPLETED", out.read_text()
     # slurmstepd also appends "*** JOB <id> ON n1 CANCELLED AT ... DUE TO JOB REQUEUE ***" to the output.
-    text = out.read_text()
-    assert "DUE TO JOB REQUEUE" in text, text
-    assert [line for line in text.splitlines() if "slurmstepd" not in line] == ["start restart=0", "start restart=1", "done"]
+    final = out.read_text()
+    assert "DUE TO JOB REQUEUE" in final, final
+    assert [line for line in final.splitlines() if "slurmstepd" not in line] == ["start restart=0", "start restart=1", "done"]
     assert slurm_cluster.job(job)["Restarts"] == "1"

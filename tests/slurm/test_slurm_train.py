@@ -5,15 +5,12 @@ submission, and a job whose rank dies."""
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from lmtrain.sweep import FINAL_STATE_HOLD_S
-
-from lmtrain_testing import TINY_TRAIN, losses_by_step, run_cli
+from lmtrain_testing import TINY_TRAIN, losses_by_step, run_cli, tree_signature, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.distributed]
 
@@ -30,18 +27,20 @@ def submit(cluster, prepared, tmp_path, *extra, env=None) -> tuple[str, Path]:
     return job, run_dir
 
 
-def release_requeued(cluster, job: str, timeout_s: float = 120) -> None:
-    """A requeued job waits ~120 s (BeginTime) once PENDING; start it now. The update only takes
-    while the job is PENDING, so retry through REQUEUED/COMPLETING."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        info = cluster.job(job)
-        if info.get("JobState") == "PENDING" and info.get("Restarts") == "1":
-            cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
-        elif info.get("JobState") == "RUNNING" and info.get("Restarts") == "1":
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"job {job} was not requeued and restarted within {timeout_s} s: {cluster.job(job)}")
+def follow_to_completion(cluster, job: str, run_dir: Path) -> str:
+    """Wait until the job is COMPLETED, starting each requeued attempt at once (SLURM holds it back
+    ~120 s otherwise). Gives up only when the job and its run dir stop changing (a failed job)."""
+
+    def completed() -> bool:
+        cluster.release_requeued(job)
+        return cluster.state(job) == "COMPLETED"
+
+    try:
+        wait_for(completed, what=f"job {job} to complete", poll_s=0.5,
+                 progress=lambda: (cluster.job(job).get("JobState"), tree_signature([run_dir])))
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{log_of(run_dir, job)[-5000:]}") from None
+    return "COMPLETED"
 
 
 def log_of(run_dir: Path, job: str) -> str:
@@ -51,7 +50,7 @@ def log_of(run_dir: Path, job: str) -> str:
 
 def test_two_node_job_trains_with_one_rank_per_node(slurm_cluster, prepared, tmp_path):
     job, run_dir = submit(slurm_cluster, prepared, tmp_path, "trainer.max_steps=6", "run_name=two_nodes")
-    state = slurm_cluster.wait(job, timeout_s=240)
+    state = slurm_cluster.wait(job, watch=[run_dir])
     log = log_of(run_dir, job)
     assert state == "COMPLETED", log[-4000:]
     assert "2 ranks" in log and "n[1-2]" in log
@@ -62,24 +61,29 @@ def test_two_node_job_trains_with_one_rank_per_node(slurm_cluster, prepared, tmp
 def test_preemption_requeues_and_resumes_exactly(slurm_cluster, prepared, tmp_path):
     steps = 40
     ref_job, ref_dir = submit(slurm_cluster, prepared, tmp_path, f"trainer.max_steps={steps}", "run_name=ref")
-    assert slurm_cluster.wait(ref_job, timeout_s=300) == "COMPLETED", log_of(ref_dir, ref_job)[-4000:]
+    assert slurm_cluster.wait(ref_job, watch=[ref_dir]) == "COMPLETED", log_of(ref_dir, ref_job)[-4000:]
 
+    # The first attempt stops after step 5 until the signal comes: the preemption lands mid-run by construction.
     job, run_dir = submit(slurm_cluster, prepared, tmp_path, f"trainer.max_steps={steps}", "run_name=preempted",
-                          "trainer.ckpt_every_steps=1000", "logger=wandb", "logger.mode=offline")
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and len(losses_by_step(run_dir) if (run_dir / "metrics.jsonl").exists() else {}) < 5:
-        time.sleep(0.2)
+                          "trainer.ckpt_every_steps=1000", "logger=wandb", "logger.mode=offline",
+                          env={"LMTRAIN_FAULT": "hold:5"})
+    wait_for(lambda: "holding after step 5" in log_of(run_dir, job), what="the job to reach step 5",
+             progress=lambda: (slurm_cluster.state(job), tree_signature([run_dir])))
     slurm_cluster.run("scancel", "--signal=USR1", job)  # what --signal=USR1@grace or a preempting scheduler sends
-    release_requeued(slurm_cluster, job)
-    state = slurm_cluster.wait(job, timeout_s=300)
+    follow_to_completion(slurm_cluster, job, run_dir)
     log = log_of(run_dir, job)
-    assert state == "COMPLETED", log[-5000:]
     assert slurm_cluster.job(job).get("Restarts") == "1"
-    assert "USR1 received: saving at step" in log and "requeued job" in log and "resuming from" in log
+    assert "USR1 received: saving at step 5" in log and "requeued job" in log and "resuming from" in log
     ref, got = losses_by_step(ref_dir), losses_by_step(run_dir)
     assert [got[s] for s in range(1, steps + 1)] == [ref[s] for s in range(1, steps + 1)]  # bitwise
-    ids = {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
-    assert len(ids) == 1 and len(list((run_dir / "wandb").glob("offline-run-*"))) == 2  # one run, two attempts
+    assert_one_wandb_run(run_dir, attempts=2)
+
+
+def assert_one_wandb_run(run_dir: Path, attempts: int) -> None:
+    """Offline W&B writes one directory per attempt; every attempt must continue one run id."""
+    dirs = list((run_dir / "wandb").glob("offline-run-*"))
+    ids = {p.name.rsplit("-", 1)[1] for p in dirs}
+    assert len(ids) == 1 and len(dirs) == attempts, sorted(p.name for p in dirs)
 
 
 def test_mismatched_tasks_and_devices_are_refused_before_sbatch(slurm_cluster, prepared, tmp_path):
@@ -94,7 +98,7 @@ def test_mismatched_tasks_and_devices_are_refused_before_sbatch(slurm_cluster, p
 def test_a_dying_rank_fails_the_job_without_requeue_and_keeps_the_checkpoint(slurm_cluster, prepared, tmp_path):
     job, run_dir = submit(slurm_cluster, prepared, tmp_path, "trainer.max_steps=20", "trainer.ckpt_every_steps=2",
                           "run_name=crash", env={"LMTRAIN_FAULT": "crash:1:5"})
-    state = slurm_cluster.wait(job, timeout_s=240)
+    state = slurm_cluster.wait(job, watch=[run_dir])
     assert state == "FAILED", log_of(run_dir, job)[-4000:]
     assert slurm_cluster.job(job).get("Restarts", "0") == "0"
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -108,7 +112,7 @@ def test_sweep_runs_its_trials_as_slurm_jobs(slurm_cluster, prepared, tmp_path):
                    "sweep.params=['optim.lr: loguniform(1e-3, 1e-2)']", "launcher=slurm", "launcher.parallel=2",
                    "launcher.poll_s=1", "sweep.overrides=[" + ",".join(f"'{o}'" for o in overrides) + "]",
                    "launcher.submit_overrides=[" + ",".join(f"'{o}'" for o in submit) + "]"],
-                  cwd=tmp_path, env=slurm_cluster.env, timeout=400).stdout
+                  cwd=tmp_path, env=slurm_cluster.env, watch=[tmp_path / "sl"]).stdout
     runs = tmp_path / "sl" / "runs"
     for n in (0, 1):
         assert list((runs / f"trial-{n}").glob("slurm-*.out")), f"trial {n} did not run as a SLURM job"
@@ -117,28 +121,41 @@ def test_sweep_runs_its_trials_as_slurm_jobs(slurm_cluster, prepared, tmp_path):
 
 
 def test_time_limit_signal_requeues_and_the_job_completes(slurm_cluster, prepared, tmp_path):
-    """slurm.time=1:00 with a 30 s grace: SLURM itself sends USR1 30 s into each attempt; each
-    attempt saves, requeues and the next continues, until the 1500 steps are done."""
-    steps = 1500
+    """SLURM's own time-limit signal (slurm.time=2:00, cluster.grace_s=90: USR1 about 30 s in) reaches
+    every task; the attempt saves at a step boundary, requeues, and the next attempt resumes in the
+    same run dir and W&B run and completes. The first attempt holds after step 5 until the signal,
+    so it cannot finish before it, however fast this machine is; nothing in the test sends it."""
+    steps = 30
     job, run_dir = submit(slurm_cluster, prepared, tmp_path, f"trainer.max_steps={steps}", "run_name=limited",
-                          "slurm.time=1:00", "cluster.grace_s=30", "trainer.ckpt_every_steps=100000",
-                          "trainer.log_every_steps=50")
-    deadline, final_since = time.monotonic() + 420, None
-    while time.monotonic() < deadline:
-        info = slurm_cluster.job(job)
-        if info.get("JobState") == "PENDING" and int(info.get("Restarts", "0")) > 0:
-            slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
-        # A job that requeues itself shows FAILED for a moment on its way back to PENDING.
-        if info.get("JobState") in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"):
-            final_since = final_since or time.monotonic()
-            if info.get("JobState") == "COMPLETED" or time.monotonic() - final_since > FINAL_STATE_HOLD_S:
-                break
-        else:
-            final_since = None
-        time.sleep(0.5)
-    info = slurm_cluster.job(job)
-    log = log_of(run_dir, job)
-    assert info.get("JobState") == "COMPLETED", log[-4000:]
-    assert int(info["Restarts"]) >= 1 and "USR1 received: saving at step" in log
-    assert max(losses_by_step(run_dir)) == steps
+                          "slurm.time=2:00", "cluster.grace_s=90", "trainer.ckpt_every_steps=100000",
+                          "logger=wandb", "logger.mode=offline", env={"LMTRAIN_FAULT": "hold:5"})
+    follow_to_completion(slurm_cluster, job, run_dir)
+    info, log = slurm_cluster.job(job), log_of(run_dir, job)
+    restarts = int(info["Restarts"])
+    assert restarts >= 1 and log.count("USR1 received: saving at step") == restarts, log[-4000:]
+    assert log.count("resuming from") == restarts
+    assert sorted(losses_by_step(run_dir)) == list(range(1, steps + 1))
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == steps
+    assert_one_wandb_run(run_dir, attempts=restarts + 1)
+
+
+def test_a_second_job_on_a_live_run_dir_is_refused(slurm_cluster, prepared, tmp_path):
+    """Two jobs, one run dir: `lmtrain submit` refuses the second before it queues, and the same
+    script submitted by hand fails at start naming the first job, leaving the first run alone."""
+    first, run_dir = submit(slurm_cluster, prepared, tmp_path, "trainer.max_steps=8", "trainer.ckpt_every_steps=2",
+                            "run_name=owned", env={"LMTRAIN_FAULT": "hold:3"})
+    wait_for(lambda: "holding after step 3" in log_of(run_dir, first), what="the first job to reach step 3",
+             progress=lambda: (slurm_cluster.state(first), tree_signature([run_dir])))
+    script = (run_dir / "submit.sbatch").read_bytes()
+    refused = run_cli(["submit", *prepared, *TINY_TRAIN, *TRAIN, f"runs_dir={tmp_path / 'runs'}", "run_name=owned"],
+                      cwd=tmp_path, env=slurm_cluster.env, check=False)
+    assert refused.returncode == 2 and f"SLURM job {first}" in refused.stderr, refused.stderr[-2000:]
+    assert (run_dir / "submit.sbatch").read_bytes() == script
+
+    second = slurm_cluster.run("sbatch", "--parsable", str(run_dir / "submit.sbatch")).stdout.strip().split(";")[0]
+    assert slurm_cluster.wait(second, watch=[run_dir]) == "FAILED", log_of(run_dir, second)[-3000:]
+    assert "is in use by another lmtrain train (pid" in log_of(run_dir, second) and f"SLURM job {first}" in log_of(run_dir, second)
+    assert slurm_cluster.state(first) == "RUNNING"  # the first job goes on
+    slurm_cluster.run("scancel", first)
+    assert slurm_cluster.wait(first, watch=[run_dir]) in ("CANCELLED", "FAILED", "COMPLETED")
+    assert sorted(losses_by_step(run_dir)) == [1, 2, 3]  # only the first job ever trained here

@@ -134,7 +134,7 @@ def test_half_written_cache_is_refused_then_rebuilt(tmp_path, damage):
         case "delete_val":
             (out / "val.bin").unlink()
             reason = "val.bin is missing"
-    with pytest.raises(ValueError, match=f"{reason}.*run `lmtrain prepare data=tiny"):
+    with pytest.raises(ValueError, match=f"{reason}.*run `lmtrain prepare` with the same data"):
         load_prepared(out)
     lines = []
     assert prepare_dataset(data, BYTE, log=lines.append) == out
@@ -256,8 +256,12 @@ def test_missing_pretrained_tokenizer_is_named(tmp_path):
 
 
 def test_load_prepared_of_a_missing_dir_says_to_prepare(tmp_path):
-    with pytest.raises(MissingPreparedDataError, match=r"run `lmtrain prepare data=wiki "):
+    # data=<name> is suggested only where a data preset of that name exists
+    with pytest.raises(MissingPreparedDataError, match=r"run `lmtrain prepare data=wikitext103 "):
+        load_prepared(tmp_path / "wikitext103-0123456789ab")
+    with pytest.raises(MissingPreparedDataError, match=r"run `lmtrain prepare` with the same data") as raised:
         load_prepared(tmp_path / "wiki-0123456789ab")
+    assert "data=wiki " not in str(raised.value)
     with pytest.raises(FileNotFoundError):
         load_prepared(Path(tmp_path / "wiki-0123456789ab"))
 
