@@ -155,7 +155,7 @@ def sweep_report(sweep_dir: Path) -> tuple[list[dict], list[Path]]:
     """Print the trials of <sweep_dir>/trials.jsonl best first, write report/trials.csv and one
     report/objective_vs_<param>.png (800x600 px) per swept parameter.
 
-    Rows: {"number", "params", "value", "state", "run_dir", "best"}, completed trials by objective
+    Rows: {"number", "params", "value", "state", "run_dir", "best", "reason"}, completed trials by objective
     (best first), then the others by number. Raises ValueError after printing and writing the CSV
     when no trial has completed."""
     sweep_dir = Path(sweep_dir)
@@ -234,7 +234,8 @@ def compute_rows(trials: list[dict], direction: Direction) -> list[dict]:
         case _:
             raise ValueError(f"unknown direction {direction}")
     rows = [{"number": int(t["number"]), "params": dict(t["params"]), "value": _as_float(t.get("value")),
-             "state": str(t["state"]), "run_dir": t.get("run_dir") or "", "best": False} for t in trials]
+             "state": str(t["state"]), "run_dir": t.get("run_dir") or "", "best": False,
+             "reason": t.get("reason") or ""} for t in trials]
     rows.sort(key=lambda r: (0, sign * r["value"], r["number"]) if _ranked(r) else (1, 0.0, r["number"]))
     if rows and _ranked(rows[0]):
         rows[0]["best"] = True
@@ -283,11 +284,13 @@ def build_objective_figure(param: str, points: list[tuple], *, metric: str, dire
 
 
 def format_table(rows: list[dict], params: list[str], metric: str) -> str:
-    """Fixed-width text table; '*' marks the best trial."""
-    header = ["", "#", *params, metric, "state", "run_dir"]
+    """Fixed-width text table; '*' marks the best trial; a reason column when a trial failed."""
+    reasons = any(r["reason"] for r in rows)
+    header = ["", "#", *params, metric, "state", "run_dir", *(["reason"] if reasons else [])]
     body = [["*" if r["best"] else "", str(r["number"]),
              *(_format_value(r["params"][p]) if p in r["params"] else "-" for p in params),
-             "-" if r["value"] is None else f"{r['value']:.5g}", r["state"], r["run_dir"]] for r in rows]
+             "-" if r["value"] is None else f"{r['value']:.5g}", r["state"], r["run_dir"],
+             *([r["reason"]] if reasons else [])] for r in rows]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *body])
 
@@ -296,10 +299,10 @@ def save_trials_csv(rows: list[dict], params: list[str], metric: str, path: Path
     """One line per trial in table order; an absent parameter or objective is an empty cell."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["number", *params, metric, "state", "run_dir", "best"])
+        writer.writerow(["number", *params, metric, "state", "run_dir", "best", "reason"])
         for r in rows:
             writer.writerow([r["number"], *(r["params"].get(p, "") for p in params),
-                             "" if r["value"] is None else r["value"], r["state"], r["run_dir"], r["best"]])
+                             "" if r["value"] is None else r["value"], r["state"], r["run_dir"], r["best"], r["reason"]])
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -152,7 +152,7 @@ def test_a_later_line_of_a_trial_supersedes_the_earlier(tmp_path, capsys):
     rows, _ = sweep_report(tmp_path)
     assert len(rows) == 2
     assert rows[0] == {"number": 1, "params": {"optim.lr": 3e-3, "model.d_model": 64}, "value": 3.1,
-                       "state": "COMPLETE", "run_dir": "sweeps/lr/runs/trial-1", "best": True}
+                       "state": "COMPLETE", "run_dir": "sweeps/lr/runs/trial-1", "best": True, "reason": ""}
 
 
 def test_a_parameter_spanning_more_than_10x_gets_a_log_axis():
@@ -188,6 +188,16 @@ def test_no_completed_trial_prints_the_table_then_fails(tmp_path, capsys):
     assert "RUNNING" in out and "FAIL" in out and "*" not in out
     assert (tmp_path / "report" / "trials.csv").is_file()
     assert not list((tmp_path / "report").glob("*.png"))
+
+
+def test_a_failed_trial_shows_its_reason_in_the_table_and_csv(tmp_path, capsys):
+    reason = "exit 2: lmtrain: error: prepared dataset 'x' does not exist"
+    write_trials(tmp_path, [trial(0, 1e-3, 64, 3.5), {**trial(1, 2e-3, 64, None, state="FAIL"), "reason": reason}])
+    sweep_report(tmp_path)
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[-1] == "reason" and table[2].endswith(reason) and table[1].endswith("trial-0")
+    with open(tmp_path / "report" / "trials.csv") as f:
+        assert [r["reason"] for r in csv.DictReader(f)] == ["", reason]
 
 
 def test_missing_trials_file_is_named(tmp_path):
