@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lmtrain_testing import compose, data_overrides, write_corpus
+from lmtrain_testing import cli_in_process, compose, data_overrides, write_corpus
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +36,15 @@ def _one_thread(monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """cli(args, cwd) -> CompletedProcess: the real `lmtrain` entry point run in this process."""
+
+    def run(args: list[str], cwd: Path | None = None):
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        return cli_in_process(args, monkeypatch, capsys)
+
+    return run

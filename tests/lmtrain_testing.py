@@ -282,3 +282,22 @@ def write_mood_classification_data(directory: Path, n_train: int = 64, n_val: in
 
 def example_overrides(train: Path, val: Path) -> list[str]:
     return ["data=task_files", f"data.paths=[{train}]", f"data.val_paths=[{val}]", "tokenizer=byte"]
+
+
+def cli_in_process(args: list[str], monkeypatch, capsys) -> subprocess.CompletedProcess:
+    """`lmtrain ...` through the real CLI entry point, inside this process: no interpreter start-up
+    (~10 s of imports), for commands that fail fast or do little work. Environment and argv changes
+    the CLI makes are undone after the test."""
+    from lmtrain.cli import main
+
+    monkeypatch.setenv("LMTRAIN_COMMAND", "")
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    monkeypatch.setattr(sys, "argv", ["lmtrain"])
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["lmtrain", *args], code, out, err)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmtrain_testing import CHILD_ENV, TINY_TRAIN, run_cli, train_in_process
+from lmtrain_testing import CHILD_ENV, TINY_TRAIN, train_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -41,14 +41,16 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def export(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
-    return run_cli(["export", *args], cwd=cwd, check=False, **kw)
+@pytest.fixture
+def export(cli):
+    """`lmtrain export ...` through the CLI entry point, in this process."""
+    return lambda args, cwd: cli(["export", *args], cwd)
 
 
 @pytest.mark.parametrize("target,overwrite", [("step-00000002.ckpt", False), ("step-00000002.ckpt", True),
                                               ("last.ckpt", True), ("export.pt", True)],
                          ids=["newest-step", "newest-step-overwrite", "last-symlink-overwrite", "new-file-in-checkpoints"])
-def test_nothing_is_written_into_a_runs_checkpoints(run_dir, target, overwrite):
+def test_nothing_is_written_into_a_runs_checkpoints(export, run_dir, target, overwrite):
     checkpoints = run_dir / "checkpoints"
     before = snapshot(checkpoints)
     out = checkpoints / target
@@ -59,7 +61,7 @@ def test_nothing_is_written_into_a_runs_checkpoints(run_dir, target, overwrite):
     assert (checkpoints / "last.ckpt").resolve().name == "step-00000002.ckpt"
 
 
-def test_a_checkpoint_kept_elsewhere_and_the_input_itself_are_refused(run_dir, tmp_path):
+def test_a_checkpoint_kept_elsewhere_and_the_input_itself_are_refused(export, run_dir, tmp_path):
     backup = tmp_path / "backup.pt"  # an lmtrain checkpoint by content, not by name or place
     shutil.copyfile(run_dir / "checkpoints" / "step-00000001.ckpt", backup)
     original = backup.read_bytes()
@@ -70,7 +72,7 @@ def test_a_checkpoint_kept_elsewhere_and_the_input_itself_are_refused(run_dir, t
     assert backup.read_bytes() == original and sorted(p.name for p in tmp_path.iterdir()) == ["backup.pt"]
 
 
-def test_an_unrelated_file_needs_overwrite_and_then_is_replaced(run_dir, tmp_path):
+def test_an_unrelated_file_needs_overwrite_and_then_is_replaced(export, run_dir, tmp_path):
     notes = tmp_path / "notes.safetensors"
     notes.write_bytes(b"not mine to delete\n")
     ckpt = f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}"
@@ -78,7 +80,7 @@ def test_an_unrelated_file_needs_overwrite_and_then_is_replaced(run_dir, tmp_pat
     assert str(notes) in line and "overwrite=true" in line
     assert notes.read_bytes() == b"not mine to delete\n"
 
-    run_cli(["export", ckpt, "format=safetensors", f"out={notes}", "overwrite=true"], cwd=tmp_path)
+    assert export([ckpt, "format=safetensors", f"out={notes}", "overwrite=true"], tmp_path).returncode == 0
     from safetensors.torch import load_file
 
     state = load_file(notes)
@@ -87,17 +89,17 @@ def test_an_unrelated_file_needs_overwrite_and_then_is_replaced(run_dir, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.safetensors"]  # no temp file left
 
 
-def test_the_default_output_is_not_overwritten_silently(run_dir):
+def test_the_default_output_is_not_overwritten_silently(export, run_dir):
     ckpt = f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}"
     default = run_dir / "export-step-00000002-fp32.pt"
     try:
-        run_cli(["export", ckpt], cwd=run_dir)
+        assert export([ckpt], run_dir).returncode == 0
         first = default.read_bytes()
         default.write_bytes(first + b"edited by hand")
         line = error_line(export([ckpt], run_dir))
         assert str(default) in line and "overwrite=true" in line and "default" in line
         assert default.read_bytes() == first + b"edited by hand"
-        run_cli(["export", ckpt, "overwrite=true"], cwd=run_dir)
+        assert export([ckpt, "overwrite=true"], run_dir).returncode == 0
         assert default.read_bytes() == first
         assert set(torch.load(default, weights_only=True)) == {"model", "lmtrain"}
     finally:
@@ -105,7 +107,7 @@ def test_the_default_output_is_not_overwritten_silently(run_dir):
 
 
 @pytest.mark.parametrize("case", ["out-is-a-directory", "out-under-a-file", "missing-ckpt"])
-def test_bad_paths_end_with_one_line(run_dir, tmp_path, case):
+def test_bad_paths_end_with_one_line(export, run_dir, tmp_path, case):
     ckpt, out = run_dir / "checkpoints" / "last.ckpt", tmp_path / "exports"
     match case:
         case "out-is-a-directory":
@@ -123,7 +125,7 @@ def test_bad_paths_end_with_one_line(run_dir, tmp_path, case):
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a mode-0o555 directory; the not-a-directory case covers root")
-def test_a_read_only_directory_ends_with_one_line(run_dir, tmp_path):
+def test_a_read_only_directory_ends_with_one_line(export, run_dir, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
     line = error_line(export([f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", f"out={locked / 'model.pt'}"], tmp_path))
@@ -142,7 +144,7 @@ def test_a_write_that_fails_midway_keeps_the_old_file_and_leaves_no_temp(run_dir
     old.write_bytes(b"the previous export\n")
     proc = subprocess.run([sys.executable, "-c", LIMITED_CLI, "export", f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}",
                            f"format={fmt}", f"out={old}", "overwrite=true"], cwd=tmp_path, env={**os.environ, **CHILD_ENV},
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True)
     line = error_line(proc)
     assert f"could not write the export to {old}: File too large" in line and "unchanged" in line
     assert old.read_bytes() == b"the previous export\n"

@@ -72,11 +72,11 @@ def test_a_second_writer_is_refused_and_a_stopped_run_says_where_it_stopped(prep
 
 
 @pytest.mark.parametrize("name", ["..", "../elsewhere", ".", "a/b"])
-def test_a_run_name_cannot_leave_runs_dir(prepared, tmp_path, name):
+def test_a_run_name_cannot_leave_runs_dir(prepared, tmp_path, name, cli):
     (tmp_path / "runs").mkdir()
     (tmp_path / "config.yaml").write_text("mine\n")
     before = snapshot(tmp_path)
-    proc = run_cli(["train", *prepared, *TINY_TRAIN, "trainer.max_steps=1", f"run_name={name}"], cwd=tmp_path, check=False)
+    proc = cli(["train", *prepared, *TINY_TRAIN, "trainer.max_steps=1", f"run_name={name}"], tmp_path)
     assert f"run_name={name!r} is not a plain directory name" in one_error_line(proc)
     assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "runs"]
 
@@ -95,11 +95,11 @@ def small_run(prepared, tmp_path_factory) -> Path:
     ("eval", "+data.prepared=/x", "unknown config key 'data'"),
     ("generate", "num_samples=0", "num_samples=0 must be >= 1"),
 ])
-def test_unknown_keys_fail_with_or_without_plus(prepared, small_run, tmp_path, command, override, expected):
+def test_unknown_keys_fail_with_or_without_plus(prepared, small_run, tmp_path, command, override, expected, cli):
     args = ([*prepared, *TINY_TRAIN, f"runs_dir={tmp_path / 'runs'}"] if command == "train"
             else [f"ckpt={small_run / 'checkpoints' / 'last.ckpt'}"])
     before = snapshot(small_run)
-    line = one_error_line(run_cli([command, *args, override], cwd=tmp_path, check=False))
+    line = one_error_line(cli([command, *args, override], tmp_path))
     assert expected in line, line
     assert "valid keys" in line or "must be" in line, line
     assert snapshot(small_run) == before

@@ -92,9 +92,8 @@ def test_a_killed_sweep_resumes_the_running_trial_and_finishes(prepared, tmp_pat
 
 
 @pytest.mark.parametrize("key", ["optim.lrr", "+optim.lrr"])
-def test_an_unknown_param_key_is_refused_before_any_trial(prepared, tmp_path, key):
-    out = run_cli(sweep_args(prepared, tmp_path, "badkey", param=f"{key}: loguniform(1e-3, 1e-2)"), cwd=tmp_path,
-                  check=False)
+def test_an_unknown_param_key_is_refused_before_any_trial(prepared, tmp_path, key, cli):
+    out = cli(sweep_args(prepared, tmp_path, "badkey", param=f"{key}: loguniform(1e-3, 1e-2)"), tmp_path)
     assert out.returncode == 2, out.stdout + out.stderr
     error = out.stderr.strip().splitlines()[-1]
     assert error.startswith("lmtrain: error: sweep.params key") and "'optim.lrr' is not a key" in error
@@ -102,8 +101,8 @@ def test_an_unknown_param_key_is_refused_before_any_trial(prepared, tmp_path, ke
     assert not (tmp_path / "sweeps").exists()  # refused before the study, a run dir or a trial
 
 
-def test_an_unknown_metric_is_refused_naming_the_valid_ones(prepared, tmp_path):
-    out = run_cli(sweep_args(prepared, tmp_path, "badmetric", metric="val/lsos"), cwd=tmp_path, check=False)
+def test_an_unknown_metric_is_refused_naming_the_valid_ones(prepared, tmp_path, cli):
+    out = cli(sweep_args(prepared, tmp_path, "badmetric", metric="val/lsos"), tmp_path)
     assert out.returncode == 2, out.stdout + out.stderr
     error = out.stderr.strip().splitlines()[-1]
     assert "sweep.metric='val/lsos' is not logged by a task=causal_lm run" in error
