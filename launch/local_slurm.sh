@@ -18,7 +18,7 @@ DIR=${LMTRAIN_SLURM_DIR:-/tmp/lmtrain-slurm}
 CONF=$DIR/slurm.conf
 CPUS=${LMTRAIN_SLURM_CPUS:-2}
 CTLD_PORT=${LMTRAIN_SLURM_PORT:-16817}
-TIMEOUT=${LMTRAIN_SLURM_TIMEOUT:-60}
+TIMEOUT=${LMTRAIN_SLURM_TIMEOUT:-300}  # a bound for a broken cluster, not a guess at start-up time
 NODES=(n1 n2)
 NODE_PORTS=(17001 17002)
 export SLURM_CONF=$CONF
@@ -79,7 +79,7 @@ start_munge() {
   if command -v runuser >/dev/null; then runuser -u munge -- "$m" >&2 || "$m" --force >&2
   else "$m" --force >&2; fi
   touch "$DIR/munged.ours"
-  for _ in $(seq 50); do munge_works && return 0; sleep 0.2; done
+  for _ in $(seq 600); do munge_works && return 0; sleep 0.2; done  # up to 2 min on a busy machine
   log "munged did not start"; tail -n 20 /var/log/munge/munged.log >&2 2>/dev/null || true; exit 1
 }
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from lmtrain.checkpoint import CheckpointError, detect_layout, list_step_checkpoints, load_checkpoint_file, load_record, load_weights
-from lmtrain.checkpoint.io import save_atomic, write_atomic
+from lmtrain.checkpoint.io import os_error_in, save_atomic, write_atomic
 from lmtrain.config import ExportConfig, ExportFormat
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -99,11 +99,8 @@ def check_out_path(out: Path, *, ckpt: Path, overwrite: bool, is_default: bool) 
 def _first_cause(error: BaseException) -> str:
     """The OS's reason behind a write failure: torch wraps it in a RuntimeError ("unexpected pos ...")
     whose __context__ holds the OSError; safetensors puts its errno in the message."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.strerror:
-            return seen.strerror
-        seen = seen.__cause__ or seen.__context__
+    if (os_error := os_error_in(error)) is not None:
+        return os_error.strerror
     text = str(error).strip()
     if errno := re.search(r"\(os error (\d+)\)", text):  # safetensors: "... I/O error: File too large (os error 27)"
         return os.strerror(int(errno.group(1)))

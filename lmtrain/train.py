@@ -37,7 +37,7 @@ from lmtrain.config import TrainConfig, TrainerConfig
 from lmtrain.data.tokenizers import TOKENIZER_FILE, load_tokenizer
 from lmtrain.distributed.parallelize import apply_activation_checkpointing, apply_compile
 from lmtrain.distributed.preemption import requeue_signal
-from lmtrain.distributed.rank import is_rank_zero, say
+from lmtrain.distributed.rank import is_rank_zero, quiet_third_party_hints, say
 from lmtrain.distributed.slurm_env import check_slurm_environment, in_slurm_job
 from lmtrain.distributed.config import ShardingKind, StrategyKind
 from lmtrain.distributed.fsdp import apply_fsdp, build_fsdp_mesh
@@ -142,6 +142,7 @@ def run(cfg: TrainConfig, record: dict, run_dir: Path, *, hydra_files: dict[str,
     """Train into run_dir, which rank 0 owns (one live writer per run dir) until it returns.
     hydra_files: {relative path: text} of the invocation's record (.hydra/), written by the owner."""
     set_run_name(run_dir.name)
+    quiet_third_party_hints()
     check_slurm_environment(devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes)
     owner = RunDirOwner(run_dir, log=say) if is_rank_zero() else None
     try:

@@ -64,8 +64,11 @@ def test_prepare_train_generate_eval(prepared, tmp_path):
     # prepare again through the CLI: the data is already there, so it must do nothing.
     again = run_cli(["prepare", *prepared], cwd=tmp_path)
     assert "already prepared" in again.stdout
-    run_cli(["train", *prepared, *TINY_TRAIN, "trainer.max_steps=30", "trainer.val_every_steps=15", "run_name=r"],
-            cwd=tmp_path)
+    trained = run_cli(["train", *prepared, *TINY_TRAIN, "trainer.max_steps=30", "trainer.val_every_steps=15",
+                       "run_name=r"], cwd=tmp_path)
+    # Output is for the user: no hosted-logger advertisement, no srun hint on a machine that has srun.
+    shown = trained.stdout + trained.stderr
+    assert "litlogger" not in shown and "prepend your python command with `srun`" not in shown
     ckpt = tmp_path / "runs" / "r" / "checkpoints" / "last.ckpt"
     gen = run_cli(["generate", f"ckpt={ckpt}", "prompt=The cat", "max_new_tokens=20", "temperature=0"], cwd=tmp_path)
     assert gen.stdout.startswith("The cat") and len(gen.stdout.rstrip("\n")) > len("The cat")

@@ -58,7 +58,7 @@ def test_two_ranks_of_b_equal_one_rank_of_2b(runs):
     assert_same_weights(weights(runs["one"]), weights(runs["two"]), exact=False)
     # Only rank 0 writes: one run dir, one metrics file, no per-rank files or dirs.
     assert sorted(p.name for p in runs["cwd"].joinpath("runs").iterdir()) == ["accum", "one", "two"]
-    assert sorted(p.name for p in runs["two"].iterdir()) == [".hydra", "checkpoints", "config.yaml", "metrics.jsonl", "tokenizer"]
+    assert sorted(p.name for p in runs["two"].iterdir()) == [".hydra", "checkpoints", "config.yaml", "metrics.jsonl", "owner.lock", "tokenizer"]
 
 
 def test_gradient_accumulation_equals_the_larger_batch(runs):

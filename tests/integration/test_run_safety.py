@@ -1,15 +1,19 @@
 """Nothing lost, nothing silently wrong: one live writer per run dir, run names that stay inside
-runs_dir, unknown keys refused with or without `+`, a stopped run that says so (non-zero), and a
-resume that never rolls a run back or logs a step twice."""
+runs_dir, unknown keys refused with or without `+`, a stopped run that says so (non-zero), a
+resume that never rolls a run back or logs a step twice, and a full disk that costs no checkpoint."""
 
 from __future__ import annotations
 
 import json
 import signal
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
+import torch
+
+from lmtrain.checkpoint import CheckpointError
 
 from lmtrain_testing import (
     TINY_TRAIN,
@@ -125,3 +129,36 @@ def test_init_from_on_a_run_with_checkpoints_is_reported(prepared, small_run, tm
     out = capsys.readouterr().out
     assert "init_from=" in out and "is not used: the run resumes from its own checkpoint" in out
     assert sorted(losses_by_step(run_dir)) == [1, 2, 3, 4]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size) -> a tmpfs of that many bytes (a disk that really fills up); skipped where this
+    process may not mount."""
+    mounted: list[Path] = []
+
+    def mount(size: int) -> Path:
+        target = tmp_path / f"disk{len(mounted)}"
+        target.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip()}")
+        mounted.append(target)
+        return target
+
+    yield mount
+    for target in mounted:
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(prepared, small_run, small_disk):
+    ckpt_bytes = (small_run / "checkpoints" / "step-00000002.ckpt").stat().st_size
+    disk = small_disk(ckpt_bytes * 3 // 2)  # room for one checkpoint and the run's small files, not two
+    base = [*prepared, *TINY_TRAIN, "trainer.ckpt_every_steps=2", "trainer.val_every_steps=100", "trainer.max_steps=4"]
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*step-00000004.ckpt: No space left on device "
+                                              r"\(ENOSPC\); nothing was replaced, the newest complete checkpoint is .*step-00000002.ckpt"):
+        train_in_process(base, disk / "runs" / "full")
+    checkpoints = disk / "runs" / "full" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step-00000002.ckpt"]  # no temp file left
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2

@@ -94,23 +94,6 @@ def test_classify_well_above_chance_then_eval_and_predict(tmp_path):
     assert predict(PredictConfig(ckpt=ckpt, text="The old man calls the moon.", device="cpu"))["label"] == "0"
 
 
-def test_classify_from_a_pretrained_backbone_beats_scratch(mood, tmp_path):
-    """The val sentences use mood words the labelled train sentences never show; only the corpus
-    says which mood they belong to. A causal LM pretrained on it carries that into the classifier."""
-    pretrain = train_in_process([*mood, *TINY_TRAIN, *SIZE, "trainer.max_steps=1500", "trainer.val_every_steps=1500",
-                                 "trainer.log_every_steps=500", "trainer.seq_len=64", "trainer.micro_batch_size=16"],
-                                tmp_path / "pretrain")
-    train, val = write_mood_classification_data(tmp_path / "data", held_out_words=True)
-    common = [*example_overrides(train, val), *TINY_TRAIN, "data.text_column=sentence", "task=classify",
-              "trainer.max_steps=30", "trainer.val_every_steps=30", "trainer.seq_len=64", "trainer.micro_batch_size=16",
-              "trainer.checkpoint=false"]
-    scratch = val_rows(train_in_process([*common, *SIZE], tmp_path / "scratch"))[-1]
-    pretrained = val_rows(train_in_process([*common, f"init_from={pretrain / 'checkpoints' / 'last.ckpt'}"],
-                                           tmp_path / "pretrained"))[-1]
-    assert pretrained["val/accuracy"] >= scratch["val/accuracy"] + 0.2, (pretrained, scratch)
-    assert pretrained["val/loss"] < scratch["val/loss"]
-
-
 def test_qa_recovers_answer_spans(tmp_path):
     train, val = write_qa_data(tmp_path / "data")
     run = train_in_process([*example_overrides(train, val), *TINY_TRAIN, *SIZE, *FINETUNE, "model.causal=false",

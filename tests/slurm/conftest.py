@@ -42,7 +42,7 @@ class SlurmCluster:
     partition: str = "debug"
     _scripts: int = field(default=0, repr=False)
 
-    def run(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+    def run(self, *args: str, check: bool = True, timeout: float = STALL_S) -> subprocess.CompletedProcess:
         proc = subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")

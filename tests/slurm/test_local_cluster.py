@@ -38,7 +38,7 @@ def test_requeued_job_runs_again_with_restart_count(slurm_cluster, tmp_path):
         f"#SBATCH --output={out}\n"
         'echo "start restart=${SLURM_RESTART_COUNT:-0}"\n'
         'if [ "${SLURM_RESTART_COUNT:-0}" -ge 1 ]; then echo done; exit 0; fi\n'
-        "sleep 120\n",
+        "sleep infinity\n",  # ends only by the requeue: the test cannot be too slow for it
         tmp_path,
     )
 

@@ -121,13 +121,14 @@ def test_sweep_runs_its_trials_as_slurm_jobs(slurm_cluster, prepared, tmp_path):
 
 
 def test_time_limit_signal_requeues_and_the_job_completes(slurm_cluster, prepared, tmp_path):
-    """SLURM's own time-limit signal (slurm.time=2:00, cluster.grace_s=90: USR1 about 30 s in) reaches
+    """SLURM's own time-limit signal (slurm.time=2:00, cluster.grace_s=60: USR1 about 60 s in, or up to a
+    periodic check earlier, and never in the first second of a task, before its handler exists) reaches
     every task; the attempt saves at a step boundary, requeues, and the next attempt resumes in the
     same run dir and W&B run and completes. The first attempt holds after step 5 until the signal,
     so it cannot finish before it, however fast this machine is; nothing in the test sends it."""
     steps = 30
     job, run_dir = submit(slurm_cluster, prepared, tmp_path, f"trainer.max_steps={steps}", "run_name=limited",
-                          "slurm.time=2:00", "cluster.grace_s=90", "trainer.ckpt_every_steps=100000",
+                          "slurm.time=2:00", "cluster.grace_s=60", "trainer.ckpt_every_steps=100000",
                           "logger=wandb", "logger.mode=offline", env={"LMTRAIN_FAULT": "hold:5"})
     follow_to_completion(slurm_cluster, job, run_dir)
     info, log = slurm_cluster.job(job), log_of(run_dir, job)
