@@ -199,17 +199,7 @@ def train(cfg: TrainConfig, record: dict, run_dir: Path, hydra_files: dict[str, 
         f"accumulation) | strategy {kind.name} | precision {trainer.precision}"
         + (f" | resuming from {ckpt_path}" if ckpt_path else "")
     )
-    try:
-        trainer.fit(task, datamodule=inputs.datamodule, ckpt_path=ckpt_path, weights_only=True)
-    except SIGTERMException:  # Lightning stops at the next batch boundary after a SIGTERM
-        raise SystemExit(report_stop("SIGTERM", trainer.global_step, tcfg.max_steps, run_dir, 128 + signal.SIGTERM))
-    except SystemExit as e:
-        if isinstance(e, RequeueExit) or e.code != 1 or not trainer.interrupted:
-            raise
-        # Lightning ends a Ctrl-C (SIGINT) with sys.exit(1).
-        raise SystemExit(report_stop("SIGINT", trainer.global_step, tcfg.max_steps, run_dir, 128 + signal.SIGINT))
-    if trainer.interrupted:
-        raise SystemExit(report_stop("an interruption", trainer.global_step, tcfg.max_steps, run_dir, 130))
+    fit(trainer, task, inputs, ckpt_path, run_dir)
     if trainer.global_step < tcfg.max_steps:
         raise RuntimeError(
             f"training stopped at step {trainer.global_step} before trainer.max_steps={tcfg.max_steps} without an error; "
@@ -217,6 +207,23 @@ def train(cfg: TrainConfig, record: dict, run_dir: Path, hydra_files: dict[str, 
         )
     if trainer.is_global_zero:
         summarize(cfg, task, metrics, inputs, time.perf_counter() - started, run_dir, trainer.global_step)
+
+
+def fit(trainer: L.Trainer, task: TaskModule, inputs: RunInputs, ckpt_path: Path | None, run_dir: Path) -> None:
+    """trainer.fit; a run stopped by a signal exits non-zero saying where it stopped (a SLURM requeue
+    keeps its own exit)."""
+    max_steps = trainer.max_steps
+    try:
+        trainer.fit(task, datamodule=inputs.datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:  # Lightning stops at the next batch boundary after a SIGTERM
+        raise SystemExit(report_stop("SIGTERM", trainer.global_step, max_steps, run_dir, 128 + signal.SIGTERM)) from None
+    except SystemExit as e:
+        if isinstance(e, RequeueExit) or e.code != 1 or not trainer.interrupted:
+            raise
+        # Lightning ends a Ctrl-C (SIGINT) with sys.exit(1).
+        raise SystemExit(report_stop("SIGINT", trainer.global_step, max_steps, run_dir, 128 + signal.SIGINT)) from None
+    if trainer.interrupted:
+        raise SystemExit(report_stop("an interruption", trainer.global_step, max_steps, run_dir, 130))
 
 
 def check_resume_step(resume_step: int, max_steps: int, run_dir: Path) -> bool:
