@@ -187,7 +187,7 @@ def build_trainer(case: BenchCase, task: CausalLMTask, tcfg: TrainerConfig, run_
         accelerator=tcfg.accelerator, devices=1, num_nodes=1, strategy=strategy,
         precision=resolve_precision(tcfg), max_steps=tcfg.max_steps, max_epochs=-1, accumulate_grad_batches=1,
         val_check_interval=beyond, check_val_every_n_epoch=None, num_sanity_val_steps=0,
-        use_distributed_sampler=False, logger=build_loggers(LoggerConfig(), run_dir), enable_checkpointing=False,
+        use_distributed_sampler=False, logger=build_loggers(LoggerConfig(), run_dir, record={}, wandb_run_id=None), enable_checkpointing=False,
         callbacks=[metrics, StepCheckpoint(run_dir / "checkpoints", every_n_steps=beyond, keep_last=1), timer],
         plugins=[AtomicCheckpointIO()], enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=run_dir, log_every_n_steps=tcfg.log_every_steps,
