@@ -301,3 +301,13 @@ def cli_in_process(args: list[str], monkeypatch, capsys) -> subprocess.Completed
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(["lmtrain", *args], code, out, err)
+
+
+def refusal_line(proc: subprocess.CompletedProcess) -> str:
+    """A refused input: exit 2 and exactly one `lmtrain: error:` line, no traceback (a data load's
+    progress bars may come before it); returns that line."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("lmtrain: error: ")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]

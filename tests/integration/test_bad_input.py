@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from lmtrain_testing import TINY_TRAIN, compose, data_overrides, train_in_process, write_corpus
+from lmtrain_testing import TINY_TRAIN, compose, data_overrides, refusal_line, train_in_process, write_corpus
 from lmtrain.checkpoint import CheckpointError
 from lmtrain.config import to_typed
 
@@ -135,15 +135,6 @@ def test_resume_never_refuses_to_overwrite(prepared, tmp_path):
 # -- through the CLI: exit 2, one `lmtrain: error:` line naming the value and the fix, nothing touched ---------
 
 
-def refusal(proc) -> str:
-    """Exit 2 and one `lmtrain: error:` line, no traceback (progress bars of a load may precede it)."""
-    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("lmtrain: error: ")]
-    assert len(lines) == 1, proc.stderr[-3000:]
-    return lines[0]
-
-
 @pytest.fixture(scope="module")
 def tiny_ckpt(prepared, tmp_path_factory):
     run = train_in_process([*prepared, *TINY_TRAIN, "trainer.max_steps=2", "trainer.val_every_steps=100"],
@@ -152,7 +143,7 @@ def tiny_ckpt(prepared, tmp_path_factory):
 
 
 def test_a_step_larger_than_the_train_split_is_refused(prepared, tmp_path, cli):
-    line = refusal(cli(["train", *prepared, *TINY_TRAIN, "trainer.global_batch_size=40000", "run_name=huge"], tmp_path))
+    line = refusal_line(cli(["train", *prepared, *TINY_TRAIN, "trainer.global_batch_size=40000", "run_name=huge"], tmp_path))
     assert "one optimizer step reads 40,000 windows of 32 tokens" in line and "Lower trainer.global_batch_size" in line
     assert not (tmp_path / "runs" / "huge" / "checkpoints").exists()
 
@@ -178,7 +169,7 @@ def test_the_default_warmup_fits_a_short_run():
 def test_a_source_file_that_is_not_utf8_text_is_named_with_its_offset(tmp_path, cli, content, expected):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(content)
-    line = refusal(cli(["prepare", *data_overrides(bad, tmp_path / "cache")], tmp_path))
+    line = refusal_line(cli(["prepare", *data_overrides(bad, tmp_path / "cache")], tmp_path))
     assert f"{bad} {expected}" in line
 
 
@@ -191,7 +182,7 @@ def test_a_one_document_corpus_gets_advice_that_can_work(tmp_path, cli, unit, ex
     one.write_text("a single line of text, and nothing else\n")
     overrides = [o if not o.startswith("data.text_unit=") else f"data.text_unit={unit}"
                  for o in data_overrides(one, tmp_path / "cache")]
-    line = refusal(cli(["prepare", *overrides], tmp_path))
+    line = refusal_line(cli(["prepare", *overrides], tmp_path))
     assert "the train split is empty" in line or "the val split is empty" in line
     assert expected in line
     if unit == "line":
@@ -201,24 +192,24 @@ def test_a_one_document_corpus_gets_advice_that_can_work(tmp_path, cli, unit, ex
 def test_a_run_dir_that_cannot_be_made_is_named(prepared, tmp_path, cli):
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "taken").write_text("a file, not a run\n")
-    line = refusal(cli(["train", *prepared, *TINY_TRAIN, "run_name=taken"], tmp_path))
+    line = refusal_line(cli(["train", *prepared, *TINY_TRAIN, "run_name=taken"], tmp_path))
     assert "cannot create the run directory runs/taken: File exists (a file of that name is in the way)" in line
     assert (tmp_path / "runs" / "taken").read_text() == "a file, not a run\n"
-    line = refusal(cli(["train", *prepared, *TINY_TRAIN, "runs_dir=/proc/lmtrain-runs", "run_name=x"], tmp_path))
+    line = refusal_line(cli(["train", *prepared, *TINY_TRAIN, "runs_dir=/proc/lmtrain-runs", "run_name=x"], tmp_path))
     assert "cannot create the run directory /proc/lmtrain-runs" in line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_a_gpu_asked_for_without_cuda_is_refused(prepared, tiny_ckpt, tmp_path, cli):
-    line = refusal(cli(["train", *prepared, *TINY_TRAIN, "trainer.accelerator=gpu", "run_name=g"], tmp_path))
+    line = refusal_line(cli(["train", *prepared, *TINY_TRAIN, "trainer.accelerator=gpu", "run_name=g"], tmp_path))
     assert "trainer.accelerator=gpu but this machine has no usable CUDA GPU" in line and "trainer.accelerator=cpu" in line
-    line = refusal(cli(["generate", f"ckpt={tiny_ckpt}", "device=cuda"], tmp_path))
+    line = refusal_line(cli(["generate", f"ckpt={tiny_ckpt}", "device=cuda"], tmp_path))
     assert "device=cuda but this machine has no usable CUDA GPU" in line and "device=cpu" in line
 
 
 @pytest.mark.parametrize("command,key", [("export", "ckpt"), ("generate", "ckpt"), ("eval", "ckpt"), ("plot", "run")])
 def test_a_missing_required_key_is_named(tmp_path, cli, command, key):
-    line = refusal(cli([command], tmp_path))
+    line = refusal_line(cli([command], tmp_path))
     assert f"{key} is required and was not given: add {key}=..." in line
 
 
@@ -227,7 +218,7 @@ def test_resuming_from_another_tasks_checkpoint_says_so(prepared, tmp_path, cli)
     masked = train_in_process([*prepared, *TINY_TRAIN, *encoder, "task=masked_lm", "trainer.max_steps=1",
                                "trainer.val_every_steps=100", "trainer.sample_tokens=0"], tmp_path / "runs" / "mlm")
     ckpt = masked / "checkpoints" / "last.ckpt"
-    line = refusal(cli(["train", *prepared, *TINY_TRAIN, *encoder, "model.causal=true", f"resume={ckpt}",
+    line = refusal_line(cli(["train", *prepared, *TINY_TRAIN, *encoder, "model.causal=true", f"resume={ckpt}",
                         "trainer.max_steps=2", "run_name=lm"], tmp_path))
     assert f"checkpoint {ckpt} was trained for task=masked_lm, but this run trains task=causal_lm" in line
     assert "init_from=" in line

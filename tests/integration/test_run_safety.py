@@ -19,6 +19,7 @@ from lmtrain_testing import (
     TINY_TRAIN,
     communicate,
     losses_by_step,
+    refusal_line,
     run_cli,
     start_cli,
     train_in_process,
@@ -35,13 +36,6 @@ def snapshot(directory: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != "owner.lock"}
 
 
-def one_error_line(proc) -> str:
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("lmtrain: error: "), proc.stderr[-3000:]
-    return lines[0]
-
-
 def test_a_second_writer_is_refused_and_a_stopped_run_says_where_it_stopped(prepared, tmp_path):
     args = ["train", *prepared, *TINY_TRAIN, "trainer.max_steps=8", "trainer.ckpt_every_steps=2",
             "trainer.val_every_steps=100", "run_name=shared"]
@@ -56,7 +50,7 @@ def test_a_second_writer_is_refused_and_a_stopped_run_says_where_it_stopped(prep
         before = snapshot(run_dir)
 
         second = run_cli([*args, "optim.lr=1e-2"], cwd=tmp_path, check=False)
-        line = one_error_line(second)
+        line = refusal_line(second)
         assert f"pid {first.pid} on {socket.gethostname()}" in line and "choose another run_name" in line
         assert snapshot(run_dir) == before  # nothing of the first run touched
 
@@ -81,7 +75,7 @@ def test_a_run_name_cannot_leave_runs_dir(prepared, tmp_path, name, cli):
     (tmp_path / "config.yaml").write_text("mine\n")
     before = snapshot(tmp_path)
     proc = cli(["train", *prepared, *TINY_TRAIN, "trainer.max_steps=1", f"run_name={name}"], tmp_path)
-    assert f"run_name={name!r} is not a plain directory name" in one_error_line(proc)
+    assert f"run_name={name!r} is not a plain directory name" in refusal_line(proc)
     assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "runs"]
 
 
@@ -103,7 +97,7 @@ def test_unknown_keys_fail_with_or_without_plus(prepared, small_run, tmp_path, c
     args = ([*prepared, *TINY_TRAIN, f"runs_dir={tmp_path / 'runs'}"] if command == "train"
             else [f"ckpt={small_run / 'checkpoints' / 'last.ckpt'}"])
     before = snapshot(small_run)
-    line = one_error_line(cli([command, *args, override], tmp_path))
+    line = refusal_line(cli([command, *args, override], tmp_path))
     assert expected in line, line
     assert "valid keys" in line or "must be" in line, line
     assert snapshot(small_run) == before
