@@ -28,6 +28,7 @@ COMMANDS = {
     "plot": "PNG curves of a run's loss, lr, tokens/s and grad norm (run=runs/<run> [out=DIR])",
     "sweep-report": "a sweep's trials best first, trials.csv and objective-vs-parameter plots (sweep_dir=sweeps/<name>)",
     "plan": "per-GPU memory of a model, strategy and batch; the cheapest strategy that fits",
+    "inspect": "attention maps, logit lens, surprisal and attributions of one text, as PNGs (ckpt=... text=...)",
     "export": "consolidate any strategy's checkpoint into one state dict (ckpt=... format=torch|safetensors)",
 }
 # Lightning's launcher re-runs this program for ranks 1..N-1 with sys.argv[1:] minus nothing we
@@ -83,6 +84,7 @@ _TYPED_RUNNERS = {
     "eval": "lmtrain.evaluate:run",
     "predict": "lmtrain.predict:run",
     "export": "lmtrain.export:run",
+    "inspect": "lmtrain.inspection:run",
     "sweep": "lmtrain.sweep:run",
     "plot": "lmtrain.reports:run_plot",
     "sweep-report": "lmtrain.reports:run_sweep_report",

@@ -203,6 +203,23 @@ class PredictConfig:
     device: str = "auto"
 
 
+@dataclass
+class InspectConfig:
+    ckpt: str = "???"
+    """Any checkpoint (causal_lm, masked_lm, classify, qa, translate; a file or a ZeRO / FSDP directory)."""
+    text: str = "???"
+    """The text to look at."""
+    out: Optional[str] = None
+    """Directory for the PNGs and inspect.json; default runs/<run>/inspect/<checkpoint name>."""
+    ig_steps: int = 32
+    """classify: integration points of integrated gradients (more = a smaller convergence delta)."""
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.ig_steps < 1:
+            raise ValueError(f"ig_steps={self.ig_steps} must be >= 1 (integration points of integrated gradients, e.g. 32)")
+
+
 class ExportFormat(Enum):
     torch = "torch"
     safetensors = "safetensors"
@@ -270,6 +287,7 @@ def register_configs() -> None:
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="predict_schema", node=PredictConfig)
     cs.store(name="export_schema", node=ExportConfig)
+    cs.store(name="inspect_schema", node=InspectConfig)
     from lmtrain.distributed.plan import PlanConfig  # here: plan.py imports TrainerConfig from this module
 
     cs.store(name="plan_schema", node=PlanConfig)

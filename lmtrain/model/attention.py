@@ -1,5 +1,6 @@
 """Causal self-attention (with grouped-query heads) and the key/value cache used in generation."""
 
+import math
 from typing import Optional
 
 import torch
@@ -89,14 +90,7 @@ class SelfAttention(nn.Module):
         right-padded rows needs none (real tokens only look left).
         """
         batch, seq_len, _ = x.shape
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split((q_size, kv_size, kv_size), dim=-1)
-        q = q.view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        v = v.view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.split_heads(self.qkv(x), rope)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v, start_pos)  # (B, H_kv, S, D), S = start_pos + T
         out = F.scaled_dot_product_attention(
@@ -107,8 +101,43 @@ class SelfAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, H, T, D)
-        out = out.transpose(1, 2).reshape(batch, seq_len, q_size)  # (B, T, H * D)
+        out = out.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim)  # (B, T, H * D)
         return self.out_proj(out)
+
+    def split_heads(self, qkv: Tensor, rope: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The qkv projection's output (B, T, (H + 2 H_kv) D) -> q (B, H, T, D), k and v (B, H_kv, T, D);
+        q and k rotated when rope is given."""
+        batch, seq_len, _ = qkv.shape
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
+        q = q.view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def attention_probs(self, q: Tensor, k: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:
+        """The weights SDPA applies to v, made explicit: softmax(q k^T / sqrt(D)) over the keys a query
+        may see; (B, H, T, S) float32. For inspection only (lmtrain.inspection): training never calls it.
+
+        q (B, H, T, D) and k (B, H_kv, S, D) as `split_heads` returns them; with GQA each group of
+        H / H_kv query heads reads the same k head, as SDPA's enable_gqa does."""
+        if self.n_kv_heads != self.n_heads:
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, T, S)
+        allowed = self._allowed(q.shape[2], k.shape[2], q.device, key_mask)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        return scores.softmax(dim=-1)
+
+    def _allowed(self, q_len: int, kv_len: int, device: torch.device, key_mask: Optional[Tensor]) -> Optional[Tensor]:
+        """The mask `_mask_args` gives SDPA as one bool tensor (True = may attend), or None for no mask."""
+        args = self._mask_args(q_len, kv_len, device, key_mask)
+        if args.get("is_causal"):
+            return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril()
+        return args.get("attn_mask")
 
 
     def _mask_args(self, q_len: int, kv_len: int, device: torch.device, key_mask: Optional[Tensor]) -> dict:
