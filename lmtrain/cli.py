@@ -136,7 +136,7 @@ def _report_errors(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], N
 
 # Keys whose values are free text (a prompt, a sentence): `prompt="def parse("` reaches us from a
 # shell as `prompt=def parse(`, which Hydra's override grammar rejects; such a value is quoted for it.
-FREE_TEXT_KEYS = ("prompt", "text", "text_pair", "question", "context", "trainer.sample_prompt")
+FREE_TEXT_KEYS = ("prompt", "text", "text_pair", "question", "context", "trainer.sample_prompt", "logger.inspect_text")
 
 
 def quote_free_text(arg: str) -> str:

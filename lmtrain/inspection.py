@@ -158,7 +158,7 @@ def token_labels(tokenizer, ids: list[int]) -> list[str]:
     labels = []
     for token_id in ids:
         text = tokenizer.decode([token_id])
-        shown = text.replace("\n", "\\n").replace("\t", "\\t").strip()
+        shown = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text).strip()  # \n, \x04
         labels.append(shown or "␣" * max(1, len(text)))  # a whitespace-only token stays visible
     return labels
 

@@ -43,6 +43,19 @@ class LoggerConfig:
     tags: List[str] = field(default_factory=list)
     name: Optional[str] = None
     """W&B display name; None = the run name."""
+    inspect_every_steps: int = 0
+    """Every N optimizer steps, the `lmtrain inspect` views of inspect_text (attention maps, logit lens,
+    surprisal; attributions for classify) under <run>/inspect/step-N/ and as images in W&B and
+    TensorBoard; 0 = never."""
+    inspect_text: str = ""
+    """The fixed text those views are of, e.g. logger.inspect_text="def parse(" for a code model."""
+
+    def __post_init__(self) -> None:
+        if self.inspect_every_steps < 0:
+            raise ValueError(f"logger.inspect_every_steps={self.inspect_every_steps} must be >= 0 (0 = never)")
+        if self.inspect_every_steps > 0 and not self.inspect_text:
+            raise ValueError(f"logger.inspect_every_steps={self.inspect_every_steps} but logger.inspect_text is empty; "
+                             'set the text to inspect, e.g. logger.inspect_text="The cat sat on the mat."')
 
 
 class JsonlLogger(Logger):

@@ -270,6 +270,7 @@ def build_trainer(cfg: TrainConfig, task: TaskModule, run_dir: Path, inputs: Run
         tokens_per_byte=inputs.tokens_per_byte, print_lines=not progress_bar,
     )
     accumulate = tcfg.accumulation()
+    inspect = build_inspect_callback(cfg, run_dir, inputs)
     trainer = L.Trainer(
         accelerator=tcfg.accelerator, devices=tcfg.devices, num_nodes=tcfg.num_nodes, strategy=strategy,
         precision=precision, max_steps=tcfg.max_steps, max_epochs=-1, accumulate_grad_batches=accumulate,
@@ -277,11 +278,23 @@ def build_trainer(cfg: TrainConfig, task: TaskModule, run_dir: Path, inputs: Run
         use_distributed_sampler=False,  # our sampler deals disjoint, resumable slices itself
         logger=build_loggers(cfg.logger, run_dir, record=record, wandb_run_id=task.record["wandb_run_id"],
                              resume_step=resume_step),
-        enable_checkpointing=False, callbacks=[metrics, *([checkpoints] if tcfg.checkpoint else []), *cluster_callbacks],
+        enable_checkpointing=False, callbacks=[metrics, *([checkpoints] if tcfg.checkpoint else []), *inspect, *cluster_callbacks],
         plugins=[AtomicCheckpointIO(), *plugins], enable_progress_bar=progress_bar, enable_model_summary=False,
         default_root_dir=run_dir, log_every_n_steps=tcfg.log_every_steps,
     )
     return trainer, metrics
+
+
+def build_inspect_callback(cfg: TrainConfig, run_dir: Path, inputs: RunInputs) -> list:
+    """The inspect views every logger.inspect_every_steps (none when 0)."""
+    if cfg.logger.inspect_every_steps == 0:
+        return []
+    from lmtrain.callbacks.inspect import InspectEveryN
+
+    # causal_lm loads no tokenizer for training; every rank has the prepared data's.
+    tokenizer = inputs.tokenizer or load_tokenizer(inputs.data_dir / TOKENIZER_FILE, eos_token=inputs.eos_token)
+    return [InspectEveryN(cfg.logger.inspect_every_steps, cfg.logger.inspect_text, run_dir / "inspect", tokenizer,
+                          cfg.task.kind, seq_len=cfg.trainer.seq_len, label_names=inputs.task_info.get("label_names"))]
 
 
 def build_cluster_hooks(checkpoints: StepCheckpoint | None) -> tuple[list, list]:
