@@ -95,6 +95,7 @@ def to_json(result: Inspection, tokenizer) -> dict:
     if result.attributions is not None:
         data["attributions"] = rounded(result.attributions)
         data["convergence_delta"] = result.convergence_delta
+        data["word_attributions"] = [[word, round(value, 6)] for word, value in result.word_attributions or []]
     return data
 
 

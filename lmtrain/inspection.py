@@ -149,6 +149,8 @@ class Inspection:
     attributions: Optional[list[float]] = None
     """classify: per token, integrated gradients toward the predicted label."""
     convergence_delta: Optional[float] = None
+    word_attributions: Optional[list[tuple[str, float]]] = None
+    """classify: the attributions summed over each whitespace-separated word (specials on their own)."""
     notes: list[str] = field(default_factory=list)
     """What was not computed, and why."""
 
@@ -161,6 +163,25 @@ def token_labels(tokenizer, ids: list[int]) -> list[str]:
         shown = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text).strip()  # \n, \x04
         labels.append(shown or "␣" * max(1, len(text)))  # a whitespace-only token stays visible
     return labels
+
+
+def words(tokenizer: Tokenizer, ids: list[int]) -> list[tuple[str, list[int]]]:
+    """The text's words and the token positions each spans: a word starts at a token whose text
+    starts with whitespace or follows one that ends with it; a special token is a word of its own."""
+    specials = set(tokenizer.special_token_ids().values())
+    spans: list[tuple[str, list[int]]] = []
+    previous, previous_special = "", True
+    for position, token_id in enumerate(ids):
+        text = tokenizer.decode([token_id])
+        special = token_id in specials
+        # Whitespace on its own (a byte tokenizer's space) opens the word that follows it.
+        follows_space = previous[-1:].isspace() and not previous.isspace()
+        if special or previous_special or text[:1].isspace() or follows_space:
+            spans.append(("", []))
+        word, positions = spans[-1]
+        spans[-1] = (word + text, [*positions, position])
+        previous, previous_special = text, special
+    return [(word.strip() or word, positions) for word, positions in spans]
 
 
 @torch.no_grad()
@@ -292,6 +313,8 @@ def inspect_text(task: nn.Module, kind: TaskKind, tokenizer: Tokenizer, text: st
             result.notes.append("attributions left out: the model is sharded over ranks (FSDP / ZeRO-3)")
         else:
             result.attributions, result.convergence_delta = integrated_gradients(model, classify, idx, label, ig_steps)
+            result.word_attributions = [(word, sum(result.attributions[i] for i in span))
+                                        for word, span in words(tokenizer, ids)]
     return result
 
 
@@ -325,8 +348,10 @@ def summary(result: Inspection, tokenizer: Tokenizer) -> str:
     if result.prediction is not None:
         shown = ", ".join(f"{name} {p:.3f}" for name, p in result.prediction["probabilities"].items())
         lines.append(f"label {result.prediction['label']} ({shown})")
-    if result.attributions is not None:
-        top = sorted(range(len(result.ids)), key=lambda i: -abs(result.attributions[i]))[:5]
-        lines.append("strongest attributions: " + ", ".join(f"{result.tokens[i]!r} {result.attributions[i]:+.3f}" for i in top))
+    if result.word_attributions is not None:
+        top = sorted(result.word_attributions, key=lambda item: -abs(item[1]))[:5]
+        lines.append(f"words that drove {result.prediction['label']!r} most: "
+                     + ", ".join(f"{word!r} {value:+.3f}" for word, value in top)
+                     + f"  (integrated gradients; convergence delta {result.convergence_delta:+.4f})")
     lines += result.notes
     return "\n".join(lines)

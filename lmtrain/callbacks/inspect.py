@@ -1,5 +1,5 @@
 """The `lmtrain inspect` views of one fixed text every N optimizer steps of a training run:
-written under <run>/inspect/step-NNNNNN/ and logged as images to W&B and TensorBoard."""
+written under <run>/inspect/step-NNNNNNNN/ and logged as images to W&B and TensorBoard."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from lmtrain.callbacks.checkpoint import step_checkpoint_name
 from lmtrain.data.tokenizers import Tokenizer
 from lmtrain.inspection import eager_blocks, inspect_text
 from lmtrain.tasks.config import TaskKind
@@ -43,7 +44,7 @@ class InspectEveryN(L.Callback):
             return
         from lmtrain.inspect_views import write_views
 
-        out = self.out_dir / f"step-{step:06d}"
+        out = self.out_dir / Path(step_checkpoint_name(step)).stem  # step-NNNNNNNN, as `lmtrain inspect` names it
         written = write_views(result, self.tokenizer, out, title=f"step {step}")
         images = {path.stem: path for path in written if path.suffix == ".png"}
         for logger in trainer.loggers:
