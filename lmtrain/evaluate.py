@@ -1,5 +1,6 @@
 """`lmtrain eval`: a checkpoint's metrics on its run's val split, for the task it was trained on:
-causal_lm val loss, perplexity and bits per byte; masked_lm loss and masked-token accuracy;
+causal_lm val loss, perplexity and bits per byte (and, with a word-level tokenizer, the word-level
+perplexity and the share of <unk> words); masked_lm loss and masked-token accuracy;
 classify accuracy and macro-F1; qa exact match and F1; translate BLEU."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from lmtrain.config import EvalConfig
 from lmtrain.data.prepare import load_prepared
 from lmtrain.data.sampler import ValWindows, count_windows
+from lmtrain.data.tokenizers import TOKENIZER_FILE, WordTokenizer, load_tokenizer
 from lmtrain.checkpoint import load_record
 from lmtrain.inference import load_model, task_kind
 
@@ -49,12 +51,16 @@ def evaluate_causal_lm(cfg: EvalConfig) -> dict[str, float]:
     n_windows = len(windows)
     loader = torch.utils.data.DataLoader(windows, batch_size=micro)
     device = next(model.parameters()).device
-    loss_sum, tokens = 0.0, 0
+    tokenizer = load_tokenizer(data_dir / TOKENIZER_FILE, eos_token=meta.eos_token)
+    unk_id = tokenizer.unk_id if isinstance(tokenizer, WordTokenizer) else None
+    loss_sum, tokens, unk_targets = 0.0, 0, 0
     for batch in loader:
         batch = batch.to(device)
         logits = model(batch[:, :-1])
         loss_sum += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
         tokens += batch[:, 1:].numel()
+        if unk_id is not None:
+            unk_targets += int((batch[:, 1:] == unk_id).sum())
     loss = loss_sum / tokens
     result = {
         "val/loss": loss,
@@ -64,4 +70,13 @@ def evaluate_causal_lm(cfg: EvalConfig) -> dict[str, float]:
     }
     print(f"{cfg.ckpt}: val loss {loss:.4f} | ppl {result['val/ppl']:.2f} | {result['val/bpb']:.4f} bits/byte "
           f"| {tokens:,} tokens ({n_windows} windows of {seq_len})", flush=True)
+    if unk_id is not None:
+        # One token per word and one eos per document (a line, for WikiText): the token-level perplexity
+        # is the word-level one as PyTorch's word_language_model reports it. <unk> words are predicted
+        # as one class, so it is comparable only between runs with the same vocabulary.
+        result["val/word_ppl"] = result["val/ppl"]
+        result["val/unk_rate"] = unk_targets / tokens
+        print(f"{cfg.ckpt}: val/word_ppl {result['val/word_ppl']:.2f} over {tokens:,} words and eos "
+              f"({result['val/unk_rate']:.2%} of them {tokenizer.unk_token}, vocabulary {tokenizer.vocab_size:,})",
+              flush=True)
     return result

@@ -116,4 +116,15 @@ def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, *, temperatu
     new = out[0, len(ids):].tolist()
     if tokenizer.eos_id in new:
         new = new[: new.index(tokenizer.eos_id)]
-    return prompt + tokenizer.decode(new)
+    return prompt + continuation_text(tokenizer, ids if prompt else [], new)
+
+
+def continuation_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The text `new_ids` add after the prompt. A word-level tokenizer decodes words joined by spaces, so
+    the continuation is what decoding the whole adds to the prompt's decoding (the space between the
+    last prompt word and the first new one included, and a prompt word outside the vocabulary shown
+    as the user wrote it, not as <unk>); byte-level tokenizers decode each part alike."""
+    if not prompt_ids or not new_ids:
+        return tokenizer.decode(new_ids)
+    before, whole = tokenizer.decode(prompt_ids), tokenizer.decode(prompt_ids + new_ids)
+    return whole[len(before):] if whole.startswith(before) else tokenizer.decode(new_ids)

@@ -27,9 +27,11 @@ from lmtrain.data.tokenizers import (
     ByteTokenizer,
     HFTokenizer,
     Tokenizer,
+    WordTokenizer,
     build_tokenizer,
     load_tokenizer,
     train_bpe_tokenizer,
+    train_word_tokenizer,
 )
 
 __all__ = [
@@ -58,7 +60,9 @@ __all__ = [
     "ByteTokenizer",
     "HFTokenizer",
     "Tokenizer",
+    "WordTokenizer",
     "build_tokenizer",
     "load_tokenizer",
     "train_bpe_tokenizer",
+    "train_word_tokenizer",
 ]

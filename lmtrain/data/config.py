@@ -15,6 +15,9 @@ from typing import List, Optional, Type, TypeVar
 # Byte-level BPE starts from 256 byte symbols plus the eos token and the five extra specials of
 # `lmtrain.data.tokenizers.EXTRA_SPECIAL_TOKENS`; a vocabulary that small learns no merge.
 MIN_BPE_VOCAB_SIZE = 256 + 1 + 5 + 1
+# A word-level vocabulary starts with eos, the five extra specials and `<unk>`; it needs room for a word.
+N_WORD_SPECIALS = 1 + 5 + 1
+MIN_WORD_VOCAB_SIZE = N_WORD_SPECIALS + 1
 
 
 class SourceKind(Enum):
@@ -40,6 +43,7 @@ class TokenizerKind(Enum):
     byte = "byte"
     bpe = "bpe"
     pretrained = "pretrained"
+    word = "word"
 
 
 EnumT = TypeVar("EnumT", bound=Enum)
@@ -80,18 +84,26 @@ class DataConfig:
     """Hub dataset configuration, e.g. wikitext-103-raw-v1."""
 
     hub_split: str = "train"
-    """Hub split to read; lmtrain makes its own train/val split from it."""
+    """Hub split to read; lmtrain makes its own train/val split from it (unless data.hub_val_split is set)."""
 
     text_column: str = "text"
     """Column holding the document text (json, csv, parquet, hub); for task=classify, the text to classify."""
 
-    # -- labelled examples for fine-tuning tasks (classify, qa, translate) ---------------------------
     val_paths: List[str] = field(default_factory=list)
-    """Fine-tuning tasks: local files of the validation examples; empty = hold out data.val_fraction
-    of data.paths (or use data.hub_val_split)."""
+    """Local files (or globs) of the validation documents or examples, read like data.paths: then
+    data.paths is all train and nothing is held out. Empty = hold out data.val_fraction of data.paths
+    (or use data.hub_val_split)."""
 
     hub_val_split: Optional[str] = None
-    """Fine-tuning tasks from the hub: the split to validate on, e.g. validation."""
+    """source=hub: the split to validate on, e.g. validation; then data.hub_split is all train.
+    null = hold out data.val_fraction of data.hub_split."""
+
+    keep_empty_documents: bool = False
+    """Keep empty and whitespace-only documents, as a lone eos each (false: drop them). WikiText's
+    published token counts (and PyTorch's word_language_model) have one <eos> per line, blank lines
+    included: the wikitext2 presets set it."""
+
+    # -- labelled examples for fine-tuning tasks (classify, qa, translate) ---------------------------
 
     label_column: str = "label"
     """classify: the column of labels (ints, or strings mapped to ids in sorted order)."""
@@ -178,21 +190,32 @@ class DataConfig:
             raise ValueError(f"data.csv_delimiter={self.csv_delimiter!r} must be one character, e.g. ',' or '\\t'")
         if not self.cache_dir:
             raise ValueError("data.cache_dir is empty; set a directory, e.g. data.cache_dir=~/.cache/lmtrain/data")
+        if self.val_paths and self.source not in (SourceKind.text, SourceKind.json, SourceKind.csv, SourceKind.parquet):
+            raise ValueError(
+                f"data.val_paths={list(self.val_paths)} names local files but data.source={self.source.name} does not "
+                "read local files; for a hub dataset set data.hub_val_split=<split> instead, or clear data.val_paths"
+            )
+        if self.hub_val_split and self.source != SourceKind.hub:
+            raise ValueError(
+                f"data.hub_val_split={self.hub_val_split!r} but data.source={self.source.name}, not hub; "
+                "for local files set data.val_paths=[...] instead, or set data.hub_val_split=null"
+            )
 
 
 @dataclass
 class TokenizerConfig:
     kind: TokenizerKind = TokenizerKind.bpe
-    """byte (256 byte ids + specials), bpe (byte-level BPE trained on the train split), or pretrained."""
+    """byte (256 byte ids + specials), bpe (byte-level BPE trained on the train split), pretrained, or
+    word (whitespace-separated words counted on the train split; the rest become <unk>)."""
 
     vocab_size: int = 4096
-    """bpe: vocabulary size to train, special tokens included."""
+    """bpe, word: vocabulary size to train, special tokens included (word: the most frequent words are kept)."""
 
     min_frequency: int = 2
-    """bpe: a pair must occur at least this often to be merged."""
+    """bpe: a pair must occur at least this often to be merged; word: a word occurring fewer times is <unk>."""
 
     train_max_bytes: int = 200_000_000
-    """bpe: train on at most this many UTF-8 bytes of the train split (the first documents, in order)."""
+    """bpe, word: train on at most this many UTF-8 bytes of the train split (the first documents, in order)."""
 
     path: Optional[str] = None
     """pretrained: a tokenizer.json file, or a directory holding one."""
@@ -206,6 +229,17 @@ class TokenizerConfig:
             raise ValueError(
                 f"tokenizer.vocab_size={self.vocab_size} is too small for byte-level BPE (256 byte symbols "
                 f"and 6 special tokens come first); use at least {MIN_BPE_VOCAB_SIZE}, e.g. 4096"
+            )
+        if self.kind == TokenizerKind.word and self.vocab_size < MIN_WORD_VOCAB_SIZE:
+            raise ValueError(
+                f"tokenizer.vocab_size={self.vocab_size} leaves no room for a word: a word-level vocabulary starts "
+                f"with {N_WORD_SPECIALS} special tokens (eos, pad, bos, mask, sep, <|unk|>, <unk>); use at least "
+                f"{MIN_WORD_VOCAB_SIZE}, e.g. 50000"
+            )
+        if self.kind == TokenizerKind.word and self.eos_token == "<unk>":
+            raise ValueError(
+                "tokenizer.eos_token='<unk>' is the unknown-word token of tokenizer.kind=word; "
+                "use another, e.g. tokenizer.eos_token='<|endoftext|>'"
             )
         if self.min_frequency < 1:
             raise ValueError(f"tokenizer.min_frequency={self.min_frequency} must be at least 1")

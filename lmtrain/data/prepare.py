@@ -19,7 +19,6 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import math
 import os
 import secrets
 import shutil
@@ -31,14 +30,16 @@ from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, NamedTuple, Op
 
 import numpy as np
 
-from lmtrain.data.config import DataConfig, SourceKind, TokenizerConfig, TokenizerKind
+from lmtrain.data.config import DataConfig, TokenizerConfig, TokenizerKind
 
 if TYPE_CHECKING:  # training only reads prepared files: `datasets` is imported where prepare needs it
     import datasets
-from lmtrain.data.sources import describe_source, load_documents, source_identity
+from lmtrain.data.sources import describe_source, explicit_val_source, resolve_local_files, source_identity
+from lmtrain.data.splits import compute_split, describe_sources, load_splits  # noqa: F401 - compute_split is re-exported
 from lmtrain.data.tokenizers import (
     EXTRA_SPECIAL_TOKENS,
     TOKENIZER_FILE,
+    WORD_UNK_TOKEN,
     Tokenizer,
     build_tokenizer,
     resolve_tokenizer_file,
@@ -96,32 +97,17 @@ def compute_token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 2**16 else "uint32"
 
 
-def compute_split(n_docs: int, val_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Document positions (sorted, int64) of the train and val splits.
-
-    Documents are ordered by a keyed hash of (seed, position) and the first ceil(n * val_fraction)
-    go to val: a pure function of its arguments, independent of numpy's RNG streams and num_proc.
-    """
-    golden = 0x9E3779B97F4A7C15  # 2**64 / phi: spreads consecutive seeds apart
-    offset = np.uint64((seed * golden) % 2**64)
-    keys = np.arange(n_docs, dtype=np.uint64) + offset
-    # splitmix64's finalizer: a bijection on uint64 that scatters neighbouring integers.
-    keys ^= keys >> np.uint64(30)
-    keys *= np.uint64(0xBF58476D1CE4E5B9)
-    keys ^= keys >> np.uint64(27)
-    keys *= np.uint64(0x94D049BB133111EB)
-    keys ^= keys >> np.uint64(31)
-    order = np.argsort(keys, kind="stable")
-    n_val = math.ceil(n_docs * val_fraction)
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
 def _tokenizer_identity(cfg: TokenizerConfig) -> Dict[str, object]:
     identity: Dict[str, object] = {"kind": cfg.kind.name, "eos": cfg.eos_token, "specials": EXTRA_SPECIAL_TOKENS}
     match cfg.kind:
         case TokenizerKind.bpe:
             identity.update(
                 vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, train_max_bytes=cfg.train_max_bytes
+            )
+        case TokenizerKind.word:
+            identity.update(
+                vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, train_max_bytes=cfg.train_max_bytes,
+                unk=WORD_UNK_TOKEN,
             )
         case TokenizerKind.pretrained:
             identity["sha256"] = hashlib.sha256(resolve_tokenizer_file(cfg.path).read_bytes()).hexdigest()
@@ -142,6 +128,14 @@ def compute_fingerprint(data: DataConfig, tokenizer: TokenizerConfig) -> str:
             "text_column": data.text_column,
         },
     }
+    # Keys added only when set, so that the datasets prepared before these settings existed keep their fingerprints.
+    val_source = explicit_val_source(data)
+    if val_source is not None:
+        if data.val_paths:  # checked here first, so that an error names the setting
+            resolve_local_files(data.val_paths, key="data.val_paths")
+        inputs["val_source"] = source_identity(val_source)
+    if data.keep_empty_documents:
+        inputs["split"]["keep_empty_documents"] = True
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode("utf-8")).hexdigest()
 
 
@@ -191,16 +185,6 @@ def check_prepared(directory: Path, expected_fingerprint: Optional[str] = None) 
     if hashlib.sha256(tokenizer_path.read_bytes()).hexdigest() != meta.tokenizer_hash:
         return f"{TOKENIZER_FILE} does not match meta.json's tokenizer_hash"
     return None
-
-
-def more_documents_hint(data: DataConfig, n_documents: int) -> str:
-    finer = {"document": "data.text_unit=paragraph (blank-line separated) or line", "paragraph": "data.text_unit=line"}
-    unit = getattr(data.text_unit, "name", None)
-    if data.source is SourceKind.text and unit in finer:
-        return f"cut the text into more documents with {finer[unit]}, or give more text"
-    if n_documents < 2:
-        return "the corpus is one document: give more text (more files, lines or rows)"
-    return "give more documents, or change data.val_fraction"
 
 
 def prepare_hint(name: str) -> str:
@@ -265,15 +249,15 @@ def _build(data: DataConfig, tokenizer_cfg: TokenizerConfig, fingerprint: str, o
     started = time.perf_counter()
     scratch = out / _SCRATCH_DIR
     log(f"prepare: loading {describe_source(data)}")
-    documents = load_documents(data, scratch)
-    train_idx, val_idx, n_bytes = _split_documents(documents, data, log)
-    train_docs = documents.select(train_idx, keep_in_memory=True)
-    val_docs = documents.select(val_idx, keep_in_memory=True)
+    train_docs, val_docs, train_bytes, val_bytes = load_splits(data, scratch, log)
 
-    tokenizer = build_tokenizer(tokenizer_cfg, _bpe_training_texts(train_docs, n_bytes[train_idx], tokenizer_cfg, log))
+    tokenizer = build_tokenizer(tokenizer_cfg, _tokenizer_training_texts(train_docs, train_bytes, tokenizer_cfg, log))
     tokenizer.save(out)
     if tokenizer_cfg.kind == TokenizerKind.bpe and tokenizer.vocab_size < tokenizer_cfg.vocab_size:
         log(f"prepare: the corpus ran out of pairs to merge at vocab_size {tokenizer.vocab_size} (meta.json has it)")
+    if tokenizer_cfg.kind == TokenizerKind.word and tokenizer.vocab_size < tokenizer_cfg.vocab_size:
+        log(f"prepare: every train word occurring >= tokenizer.min_frequency={tokenizer_cfg.min_frequency} times fits: "
+            f"vocab_size {tokenizer.vocab_size} (meta.json has it)")
     dtype = compute_token_dtype(tokenizer.vocab_size)
     num_proc = data.num_proc or os.cpu_count() or 1
     log(f"prepare: tokenizing with {num_proc} process(es), vocab {tokenizer.vocab_size}, writing {dtype}")
@@ -299,13 +283,13 @@ def _build(data: DataConfig, tokenizer_cfg: TokenizerConfig, fingerprint: str, o
         tokenizer_hash=tokenizer.fingerprint(),
         n_train_tokens=counts["train"][0],
         n_val_tokens=counts["val"][0],
-        n_train_docs=len(train_idx),
-        n_val_docs=len(val_idx),
-        train_bytes=int(n_bytes[train_idx].sum()),
-        val_bytes=int(n_bytes[val_idx].sum()),
+        n_train_docs=len(train_docs),
+        n_val_docs=len(val_docs),
+        train_bytes=int(train_bytes.sum()),
+        val_bytes=int(val_bytes.sum()),
         max_token_id=max_token_id,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        source=describe_source(data),
+        source=describe_sources(data),
     )
     _write_synced(out / META_FILE, (json.dumps(dataclasses.asdict(meta), indent=2) + "\n").encode("utf-8"))
     _fsync_dir(out)
@@ -317,57 +301,17 @@ def _build(data: DataConfig, tokenizer_cfg: TokenizerConfig, fingerprint: str, o
     )
 
 
-def _split_documents(
-    documents: datasets.Dataset, data: DataConfig, log
-) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(train row indices, val row indices, UTF-8 bytes of every row); blank rows dropped, max_documents applied."""
-    kept, n_bytes = _nonempty_documents(documents)
-    n_empty = len(documents) - len(kept)
-    if data.max_documents is not None:
-        kept = kept[: data.max_documents]
-    if len(kept) == 0:
-        raise ValueError(
-            f"the corpus {describe_source(data)} has no non-empty document ({len(documents)} read, all empty); "
-            "check data.paths / data.hub_name / data.text_column"
-        )
-    train_pos, val_pos = compute_split(len(kept), data.val_fraction, data.split_seed)
-    if len(train_pos) == 0 or len(val_pos) == 0:
-        empty = "train" if len(train_pos) == 0 else "val"
-        raise ValueError(
-            f"the {empty} split is empty: {len(kept)} document(s) with data.val_fraction={data.val_fraction} give "
-            f"{len(train_pos)} train and {len(val_pos)} val (the split is by document); {more_documents_hint(data, len(kept))}"
-        )
-    log(f"prepare: {len(kept)} documents ({n_empty} empty dropped): {len(train_pos)} train, {len(val_pos)} val")
-    return kept[train_pos], kept[val_pos], n_bytes
-
-
-def _nonempty_documents(documents: datasets.Dataset) -> Tuple[np.ndarray, np.ndarray]:
-    """(positions of documents with a non-whitespace character, UTF-8 byte length of every document)."""
-    import pyarrow.compute as pc
-
-    kept: List[np.ndarray] = []
-    n_bytes: List[np.ndarray] = []
-    start = 0
-    for table in documents.with_format("arrow").iter(batch_size=100_000):
-        texts = table.column("text")
-        n_bytes.append(pc.binary_length(texts).fill_null(0).to_numpy().astype(np.int64))
-        nonblank = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(texts)), 0).fill_null(False)
-        kept.append(np.flatnonzero(nonblank.to_numpy(zero_copy_only=False)) + start)
-        start += table.num_rows
-    empty = np.zeros(0, dtype=np.int64)
-    return np.concatenate(kept or [empty]), np.concatenate(n_bytes or [empty])
-
-
-def _bpe_training_texts(
+def _tokenizer_training_texts(
     train_docs: datasets.Dataset, doc_bytes: np.ndarray, cfg: TokenizerConfig, log
 ) -> Optional[Iterator[List[str]]]:
-    """Batches of the first train documents, up to tokenizer.train_max_bytes; None unless bpe."""
-    if cfg.kind != TokenizerKind.bpe:
+    """Batches of the first train documents, up to tokenizer.train_max_bytes; None unless bpe or word."""
+    if cfg.kind not in (TokenizerKind.bpe, TokenizerKind.word):
         return None
     # At least one document, even if it alone is longer than the budget.
     n_docs = max(1, int(np.searchsorted(np.cumsum(doc_bytes), cfg.train_max_bytes, side="right")))
+    what = "a BPE" if cfg.kind == TokenizerKind.bpe else "a word-level"
     log(
-        f"prepare: training a BPE tokenizer (vocab {cfg.vocab_size}) on {n_docs} train documents, "
+        f"prepare: training {what} tokenizer (vocab {cfg.vocab_size}) on {n_docs} train documents, "
         f"{doc_bytes[:n_docs].sum() / 1e6:.1f} MB"
     )
     subset = train_docs.select(range(n_docs))
@@ -382,7 +326,10 @@ class _EncodeDocuments:
 
     def __call__(self, batch: Dict[str, List[str]]) -> Dict[str, List[List[int]]]:
         eos = [self.tokenizer.eos_id]
-        return {"ids": [ids + eos for ids in self.tokenizer.encode_batch(batch["text"])]}
+        # A blank document kept by data.keep_empty_documents is a lone eos, whatever the tokenizer
+        # makes of its whitespace (isspace stops at the first other character: cheap on real text).
+        texts = ["" if text.isspace() else text for text in batch["text"]]
+        return {"ids": [ids + eos for ids in self.tokenizer.encode_batch(texts)]}
 
 
 def _tokenize(

@@ -6,12 +6,13 @@ split and the packed token files are a pure function of the inputs.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import sys
 import sysconfig
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from lmtrain.data.config import DataConfig, SourceKind
 
@@ -23,10 +24,10 @@ STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tes
 _GLOB_CHARS = frozenset("*?[")
 
 
-def resolve_local_files(patterns: List[str]) -> List[Path]:
+def resolve_local_files(patterns: List[str], key: str = "data.paths") -> List[Path]:
     """Expand `~` and globs (`**` recurses); each pattern's matches sorted, duplicates dropped.
 
-    Raises ValueError naming the first entry that matches nothing.
+    Raises ValueError naming the first entry that matches nothing (as an entry of setting `key`).
     """
     files: Dict[Path, None] = {}  # an ordered set
     for pattern in patterns:
@@ -34,15 +35,15 @@ def resolve_local_files(patterns: List[str]) -> List[Path]:
         if _GLOB_CHARS.intersection(expanded):
             matches = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file())
             if not matches:
-                raise ValueError(f"data.paths entry '{pattern}' matches no file; fix the pattern or the directory")
+                raise ValueError(f"{key} entry '{pattern}' matches no file; fix the pattern or the directory")
         else:
             path = Path(expanded)
             if path.is_dir():
                 raise ValueError(
-                    f"data.paths entry '{pattern}' is a directory; name its files with a glob, e.g. '{pattern}/*.txt'"
+                    f"{key} entry '{pattern}' is a directory; name its files with a glob, e.g. '{pattern}/*.txt'"
                 )
             if not path.is_file():
-                raise ValueError(f"data.paths entry '{pattern}' does not exist; fix data.paths")
+                raise ValueError(f"{key} entry '{pattern}' does not exist; fix {key}")
             matches = [path]
         for match in matches:
             files[match.resolve()] = None
@@ -80,6 +81,16 @@ def source_identity(cfg: DataConfig) -> Dict[str, Any]:
         case SourceKind.hub:
             return {"kind": cfg.source.name, "name": cfg.hub_name, "config": cfg.hub_config, "split": cfg.hub_split}
     raise ValueError(f"data.source={cfg.source!r} is not handled; use one of {[k.name for k in SourceKind]}")
+
+
+def explicit_val_source(cfg: DataConfig) -> Optional[DataConfig]:
+    """The source of the validation documents when data.val_paths or data.hub_val_split names one
+    (read like data.paths / data.hub_split); None when val is held out of the train source."""
+    if cfg.val_paths:
+        return dataclasses.replace(cfg, paths=list(cfg.val_paths), val_paths=[])
+    if cfg.hub_val_split:
+        return dataclasses.replace(cfg, hub_split=cfg.hub_val_split, hub_val_split=None)
+    return None
 
 
 def describe_source(cfg: DataConfig) -> str:

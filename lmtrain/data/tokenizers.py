@@ -1,4 +1,4 @@
-"""Tokenizers: byte, byte-level BPE trained on the corpus, or a pretrained tokenizer.json.
+"""Tokenizers: byte, byte-level BPE or words trained on the corpus, or a pretrained tokenizer.json.
 
 Every tokenizer saves itself as a Hugging Face `tokenizer.json` (plus a `tokenizer_config.json`
 naming the special tokens), so `transformers.PreTrainedTokenizerFast(tokenizer_file=...)` and
@@ -10,10 +10,17 @@ Special token ids:
   there so encoder tasks find the same names in every tokenizer.
 - bpe: the specials come first: eos 0, pad 1, bos 2, mask 3, sep 4, unk 5; then the 256 byte
   symbols, then merges, up to vocab_size.
+- word: eos 0, pad 1, bos 2, mask 3, sep 4, `<|unk|>` 5 as for bpe, then `<unk>` 6, then the words
+  of the train split, most frequent first (ties in code-point order), up to vocab_size. A word
+  outside the vocabulary becomes `<unk>` (6), the token WikiText and PTB already use for rare
+  words, so theirs and lmtrain's are one id; `<|unk|>` (5) stays reserved and is never produced.
+  Words are split at whitespace only (the corpus is expected to be tokenized already, as WikiText
+  is) and decode joined by single spaces.
 - pretrained: whatever the file says; eos is looked up by name, the extra specials when present.
 
 Text is encoded as text: a document that contains the string `<|endoftext|>` does not produce
-the eos id (HF tokenizers would otherwise match added tokens inside raw text).
+the eos id (HF tokenizers would otherwise match added tokens inside raw text); to the word
+tokenizer such a word is unknown, `<unk>`.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from lmtrain.data.config import TokenizerConfig, TokenizerKind
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 DEFAULT_EOS_TOKEN = "<|endoftext|>"
+# The unknown word of tokenizer=word: the literal WikiText and PTB use, so their rare words and ours share an id.
+WORD_UNK_TOKEN = "<unk>"
 # Reserved now so encoder tasks (masked LM, classification, QA) find them in every tokenizer.
 # Order matters: it fixes their ids (see the module docstring).
 EXTRA_SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|mask|>", "<|sep|>", "<|unk|>")
@@ -51,6 +60,8 @@ class Tokenizer(ABC):
     vocab_size: int
     eos_id: int
     eos_token: str
+    unk_token: Optional[str] = None
+    """The token that text outside the vocabulary becomes (word: `<unk>`); None when nothing is unknown."""
 
     @abstractmethod
     def encode(self, text: str) -> List[int]: ...
@@ -89,6 +100,8 @@ class Tokenizer(ABC):
         for name in self.special_token_ids():
             if name in _TRANSFORMERS_SPECIAL_KEYS:
                 transformers_config[_TRANSFORMERS_SPECIAL_KEYS[name]] = name
+        if self.unk_token is not None:  # the one encoding produces wins over the reserved <|unk|>
+            transformers_config["unk_token"] = self.unk_token
         (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(transformers_config, indent=2) + "\n")
         return path
 
@@ -224,6 +237,76 @@ class HFTokenizer(Tokenizer):
         return found
 
 
+class WordTokenizer(HFTokenizer):
+    """An HF WordLevel model over whitespace-split words: a word is one id, an unknown word `unk_token`."""
+
+    def __init__(self, hf: hf_tokenizers.Tokenizer, eos_token: str, origin: str = "the tokenizer"):
+        super().__init__(hf, eos_token, origin)
+        unk_token = hf.model.unk_token
+        unk_id = hf.token_to_id(unk_token) if unk_token else None
+        if unk_id is None:
+            raise ValueError(
+                f"the word-level model of {origin} has unk_token={unk_token!r}, which is not in its vocabulary; an "
+                "unknown word could not be encoded; train it again with tokenizer=word"
+            )
+        self.unk_token = unk_token
+        self.unk_id = unk_id
+        # The specials sit in the WordLevel vocabulary too, so a word spelled like one (a document that
+        # says "<|endoftext|>") would get its id: such a word is unknown instead.
+        self._spelled_specials = {
+            token.content: token_id
+            for token_id, token in hf.get_added_tokens_decoder().items()
+            if token.special and token_id != unk_id
+        }
+        self._special_id_set = frozenset(self._spelled_specials.values())
+
+    def _as_text(self, ids: List[int]) -> List[int]:
+        if self._special_id_set.isdisjoint(ids):  # the common case, checked in C
+            return ids
+        return [self.unk_id if token_id in self._special_id_set else token_id for token_id in ids]
+
+    def encode(self, text: str) -> List[int]:
+        return self._as_text(super().encode(text))
+
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        return [self._as_text(ids) for ids in super().encode_batch(texts)]
+
+    def encode_with_offsets(self, text: str) -> Tuple[List[int], List[Tuple[int, int]]]:
+        ids, offsets = super().encode_with_offsets(text)
+        return self._as_text(ids), offsets
+
+
+def train_word_tokenizer(
+    texts: Iterable[str], *, vocab_size: int, min_frequency: int, eos_token: str = DEFAULT_EOS_TOKEN
+) -> WordTokenizer:
+    """Count the whitespace-separated words of `texts` and keep the most frequent that occur at
+    least `min_frequency` times, specials first (see the module docstring); the rest are `<unk>`."""
+    if eos_token in EXTRA_SPECIAL_TOKENS or eos_token == WORD_UNK_TOKEN:
+        raise ValueError(
+            f"tokenizer.eos_token={eos_token!r} is one of the reserved specials {(*EXTRA_SPECIAL_TOKENS, WORD_UNK_TOKEN)}"
+        )
+    specials = [eos_token, *EXTRA_SPECIAL_TOKENS, WORD_UNK_TOKEN]
+    if vocab_size <= len(specials):
+        raise ValueError(
+            f"tokenizer.vocab_size={vocab_size} leaves no room for a word after the {len(specials)} special tokens "
+            f"{specials}; use at least {len(specials) + 1}"
+        )
+    counter = hf_tokenizers.Tokenizer(models.WordLevel(unk_token=WORD_UNK_TOKEN))
+    counter.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # The trainer ranks words by count, then code point. It is given no specials: with them it gives a
+    # word that spells one (WikiText's `<unk>`) a second id and leaves a hole at the first. Asking for
+    # vocab_size words leaves enough after the words that spell a special are taken out below.
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False)
+    counter.train_from_iterator(texts, trainer=trainer)
+    ranked = sorted(counter.get_vocab(with_added_tokens=False).items(), key=lambda item: item[1])
+    words = [word for word, _ in ranked if word not in specials]
+    vocab = {token: token_id for token_id, token in enumerate([*specials, *words][:vocab_size])}
+    hf = hf_tokenizers.Tokenizer(models.WordLevel(vocab=vocab, unk_token=WORD_UNK_TOKEN))
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf.add_special_tokens(_added_tokens(specials))  # already in the vocabulary: they keep their ids
+    return WordTokenizer(hf, eos_token, origin="the trained word tokenizer")
+
+
 def special_id(tokenizer: Tokenizer, name: str, purpose: str) -> int:
     """The id of special token `name` (eos or one of EXTRA_SPECIAL_TOKENS); a clear error when absent."""
     found = tokenizer.special_token_ids()
@@ -281,14 +364,18 @@ def _eos_token_from_config(tokenizer_file: Path) -> Optional[str]:
 def load_tokenizer(path: str | Path, eos_token: Optional[str] = None) -> Tokenizer:
     """Load a tokenizer.json (file or directory). eos_token defaults to the one in a sibling
     tokenizer_config.json, else `<|endoftext|>`. A file in the byte tokenizer's exact layout
-    comes back as a fast ByteTokenizer."""
+    comes back as a fast ByteTokenizer, a word-level one whose unk token is in its vocabulary
+    as a WordTokenizer."""
     tokenizer_file = resolve_tokenizer_file(path)
     eos_token = eos_token or _eos_token_from_config(tokenizer_file) or DEFAULT_EOS_TOKEN
     text = tokenizer_file.read_text(encoding="utf-8")
     byte_tokenizer = _as_byte_tokenizer(text, eos_token)
     if byte_tokenizer is not None:
         return byte_tokenizer
-    return HFTokenizer(hf_tokenizers.Tokenizer.from_str(text), eos_token, origin=f"'{tokenizer_file}'")
+    hf = hf_tokenizers.Tokenizer.from_str(text)
+    if isinstance(hf.model, models.WordLevel) and hf.token_to_id(hf.model.unk_token) is not None:
+        return WordTokenizer(hf, eos_token, origin=f"'{tokenizer_file}'")
+    return HFTokenizer(hf, eos_token, origin=f"'{tokenizer_file}'")
 
 
 def _as_byte_tokenizer(text: str, eos_token: str) -> Optional[ByteTokenizer]:
@@ -303,7 +390,7 @@ def _as_byte_tokenizer(text: str, eos_token: str) -> Optional[ByteTokenizer]:
 
 
 def build_tokenizer(cfg: TokenizerConfig, train_texts: Optional[Iterable[str]] = None) -> Tokenizer:
-    """The tokenizer `cfg` asks for; bpe trains on `train_texts` (the train split)."""
+    """The tokenizer `cfg` asks for; bpe and word train on `train_texts` (the train split)."""
     match cfg.kind:
         case TokenizerKind.byte:
             return ByteTokenizer(cfg.eos_token)
@@ -315,4 +402,10 @@ def build_tokenizer(cfg: TokenizerConfig, train_texts: Optional[Iterable[str]] =
             )
         case TokenizerKind.pretrained:
             return load_tokenizer(resolve_tokenizer_file(cfg.path), eos_token=cfg.eos_token)
+        case TokenizerKind.word:
+            if train_texts is None:
+                raise ValueError("tokenizer.kind=word needs training texts; build it through prepare_dataset")
+            return train_word_tokenizer(
+                train_texts, vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, eos_token=cfg.eos_token
+            )
     raise ValueError(f"tokenizer.kind={cfg.kind!r} is not handled; use one of {[k.name for k in TokenizerKind]}")
