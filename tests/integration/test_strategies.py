@@ -43,7 +43,10 @@ def logits_of(state: dict, batch: torch.Tensor, tied: bool = True) -> torch.Tens
     ("deepspeed_zero1", False), ("deepspeed_zero2", True), ("deepspeed_zero3", True),
     ("deepspeed_zero3_offload", False), ("fsdp", True)])
 def test_train_save_resume_export(prepared, reference, tmp_path, strategy, kill):
-    args = ["train", *prepared, *TINY_TRAIN, *COMMON, f"strategy={strategy}", "run_name=job"]
+    # The inspect views every 3 steps run collectively on every rank; the losses below, equal to the
+    # reference run's (which does not inspect), show they leave training untouched.
+    inspect = ["logger.inspect_every_steps=3", "logger.inspect_text=The cat sat."]
+    args = ["train", *prepared, *TINY_TRAIN, *COMMON, *inspect, f"strategy={strategy}", "run_name=job"]
     run_dir = tmp_path / "runs" / "job"
     if kill:  # ZeRO-1 and ZeRO-3-offload share ZeRO-2/3's checkpoint layouts, which are resumed here
         killed = run_cli(args, cwd=tmp_path, env={"LMTRAIN_FAULT": "kill_after_checkpoint:3"}, check=False)
@@ -70,3 +73,17 @@ def test_train_save_resume_export(prepared, reference, tmp_path, strategy, kill)
     ddp = evaluate(EvalConfig(ckpt=str(reference["ckpt"]), device="cpu"))
     assert direct["val/tokens"] == ddp["val/tokens"] > 0
     assert direct["val/loss"] == pytest.approx(ddp["val/loss"], rel=1e-5)
+
+    # the views written during training, at the last step; a sharded model leaves out the logit lens
+    views = run_dir / "inspect" / "step-00000006"
+    sharded = strategy.startswith("deepspeed_zero3") or strategy == "fsdp"
+    expected = {"attention.png", "attention_mean.png", "surprisal.png", "inspect.json"} | (set() if sharded else {"logit_lens.png"})
+    assert {p.name for p in views.iterdir()} == expected
+    # lmtrain inspect reads this strategy's checkpoint as it is and sees what the DDP model sees
+    from lmtrain.config import InspectConfig
+    from lmtrain.inspection import run as inspect_checkpoint
+
+    seen = [inspect_checkpoint(InspectConfig(ckpt=str(ckpt), text="The cat sat.", out=str(tmp_path / name), device="cpu"))
+            for name, ckpt in (("direct", run_dir / "checkpoints" / "last.ckpt"), ("ddp", reference["ckpt"]))]
+    assert seen[0].surprisal[1:] == pytest.approx(seen[1].surprisal[1:], rel=1e-4)  # [0]: the eos, not scored
+    assert torch.allclose(torch.stack(seen[0].attention), torch.stack(seen[1].attention), atol=1e-5)
