@@ -181,3 +181,10 @@ def test_views_are_pngs_of_the_documented_size(tmp_path):
     assert data["tokens"] == result.tokens and len(data["attention"]) == 3
     assert math.isclose(sum(data["attention"][2][1][5]), 1.0, abs_tol=1e-4)
     assert [layer[0]["ids"][0] for layer in data["logit_lens"][-1:]] == [int(result.predicted_ids[0])]
+
+
+def test_inspect_text_of_a_qa_model_shows_attention_and_says_what_it_leaves_out():
+    result = inspect_text(_LM(model(**SHAPES["encoder"])), TaskKind.qa, ByteTokenizer(), "who has it?", seq_len=32)
+    assert len(result.attention) == 3 and result.attention[0].shape == (4, 11, 11)
+    assert result.lens_ids is None and result.surprisal is None and result.attributions is None
+    assert result.notes == ["logit lens and surprisal left out: a qa model's output is its task head, not the vocabulary"]
