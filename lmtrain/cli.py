@@ -29,7 +29,7 @@ COMMANDS = {
     "sweep-report": "a sweep's trials best first, trials.csv and objective-vs-parameter plots (sweep_dir=sweeps/<name>)",
     "plan": "per-GPU memory of a model, strategy and batch; the cheapest strategy that fits",
     "inspect": "attention maps, logit lens, surprisal and attributions of one text, as PNGs (ckpt=... text=...)",
-    "export": "consolidate any strategy's checkpoint into one state dict (ckpt=... format=torch|safetensors)",
+    "export": "any strategy's checkpoint as one state dict or a checked Hugging Face model (ckpt=... format=torch|safetensors|hf)",
 }
 # Lightning's launcher re-runs this program for ranks 1..N-1 with sys.argv[1:] minus nothing we
 # could add; the subcommand travels to those children in the environment instead.

@@ -223,6 +223,7 @@ class InspectConfig:
 class ExportFormat(Enum):
     torch = "torch"
     safetensors = "safetensors"
+    hf = "hf"
 
 
 @dataclass
@@ -230,16 +231,26 @@ class ExportConfig:
     ckpt: str = "???"
     """Any strategy's checkpoint: a file (single/DDP) or a directory (DeepSpeed ZeRO, FSDP)."""
     format: ExportFormat = ExportFormat.torch
+    """torch or safetensors: lmtrain's own state dict in one file; hf: a Hugging Face model directory
+    (GPT-2- and Llama-shaped causal LMs) that transformers loads."""
     dtype: str = "fp32"
     """fp32 or bf16."""
     out: Optional[str] = None
-    """Output file; default runs/<run>/export-<checkpoint>-<dtype>.pt|.safetensors."""
+    """Output file (format=hf: a directory); default runs/<run>/export-<checkpoint>-<dtype>.pt|.safetensors|-hf."""
     overwrite: bool = False
-    """Replace an existing file at `out` (never a checkpoint of a run)."""
+    """Replace an existing file at `out` (never a checkpoint of a run; format=hf: only an earlier HF export)."""
+    check: bool = True
+    """format=hf: load the export with transformers and compare its fp32 logits with lmtrain's on a fixed input."""
+    check_atol: float = 1e-4
+    """format=hf: the largest max-abs logit difference the check accepts."""
+    max_shard_size: str = "5GB"
+    """format=hf: weights above this size are split into model-0000i-of-0000n.safetensors + an index."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"dtype={self.dtype!r} is not one of fp32, bf16")
+        if not self.check_atol > 0:
+            raise ValueError(f"check_atol={self.check_atol} must be positive (e.g. 1e-4); use check=false to skip the check")
 
 
 def check_run_name(name: str) -> str:

@@ -20,7 +20,7 @@ from lmtrain.checkpoint.io import os_error_in, save_atomic, write_atomic
 from lmtrain.config import ExportConfig, ExportFormat
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-SUFFIXES = {ExportFormat.torch: ".pt", ExportFormat.safetensors: ".safetensors"}
+SUFFIXES = {ExportFormat.torch: ".pt", ExportFormat.safetensors: ".safetensors", ExportFormat.hf: "-hf"}
 
 
 def export_state_dict(ckpt: Path, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
@@ -36,7 +36,7 @@ def export_state_dict(ckpt: Path, dtype: torch.dtype) -> tuple[dict[str, torch.T
 
 
 def default_out_path(ckpt: Path, dtype: str, fmt: ExportFormat) -> Path:
-    """runs/<run>/export-<checkpoint>-<dtype>.pt|.safetensors (`last.ckpt` named by its target)."""
+    """runs/<run>/export-<checkpoint>-<dtype>.pt|.safetensors|-hf (`last.ckpt` named by its target)."""
     return ckpt.parent.parent / f"export-{ckpt.resolve().name.removesuffix('.ckpt')}-{dtype}{SUFFIXES[fmt]}"
 
 
@@ -77,14 +77,19 @@ def checkpoint_in_the_way(out: Path, ckpt: Path) -> str | None:
     return None
 
 
-def check_out_path(out: Path, *, ckpt: Path, overwrite: bool, is_default: bool) -> None:
-    """Refuse, before the checkpoint is loaded, an output that cannot or must not be written."""
+def check_out_path(out: Path, *, ckpt: Path, overwrite: bool, is_default: bool, directory: bool = False) -> None:
+    """Refuse, before the checkpoint is loaded, an output that cannot or must not be written
+    (`directory`: format=hf, whose output is a directory, checked by lmtrain.hf.export.check_out_dir)."""
     if reason := checkpoint_in_the_way(out, ckpt):
         raise ValueError(f"refusing to write the export to {out}: it is {reason}, and a training checkpoint is never "
                          f"written over (not even with overwrite=true); choose another out=PATH outside the run's checkpoints/")
-    if out.is_dir():
+    if directory:
+        from lmtrain.hf.export import check_out_dir
+
+        check_out_dir(out, overwrite=overwrite)
+    elif out.is_dir():
         raise ValueError(f"export out={out} is a directory; give the path of a file to write, e.g. out={out / 'model.pt'}")
-    if (out.exists() or out.is_symlink()) and not overwrite:
+    elif (out.exists() or out.is_symlink()) and not overwrite:
         given = "the default output for this checkpoint, dtype and format" if is_default else "given as out="
         raise ValueError(f"export output {out} already exists ({given}); pass overwrite=true to replace it, "
                          f"or out=PATH to write elsewhere")
@@ -132,7 +137,12 @@ def run(cfg: ExportConfig) -> Path:
     ckpt = Path(cfg.ckpt)
     detect_layout(ckpt)  # a missing or incomplete checkpoint is named before anything else
     out = Path(cfg.out) if cfg.out else default_out_path(ckpt, cfg.dtype, cfg.format)
-    check_out_path(out, ckpt=ckpt, overwrite=cfg.overwrite, is_default=not cfg.out)
+    check_out_path(out, ckpt=ckpt, overwrite=cfg.overwrite, is_default=not cfg.out, directory=cfg.format is ExportFormat.hf)
+    if cfg.format is ExportFormat.hf:
+        from lmtrain.hf.export import export_hf
+
+        return export_hf(ckpt, out, dtype=DTYPES[cfg.dtype], dtype_name=cfg.dtype, overwrite=cfg.overwrite,
+                         check=cfg.check, check_atol=cfg.check_atol, max_shard_size=cfg.max_shard_size)
     state, record = export_state_dict(ckpt, DTYPES[cfg.dtype])
     meta = {"model_config": record["model_config"], "lmtrain_version": record["version"],
             "tokenizer_hash": record["tokenizer_hash"], "eos_token": record.get("eos_token"), "source": str(ckpt),

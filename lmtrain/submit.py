@@ -243,7 +243,9 @@ def preflight(cfg: SubmitConfig, run_dir: Path) -> list[str]:
 
         if cfg.data.source.name != "hub":
             resolve_local_files([*cfg.data.paths, *cfg.data.val_paths])
-        if cfg.init_from and not Path(cfg.init_from).exists():
+        from lmtrain.hf.backbone import hf_spec
+
+        if cfg.init_from and not hf_spec(cfg.init_from) and not Path(cfg.init_from).exists():  # a hub id is fetched by the job
             raise ValueError(f"init_from={cfg.init_from} does not exist; name the backbone checkpoint to fine-tune")
         report.append(f"data: {cfg.task.kind.name} examples from {cfg.data.source.name}"
                       + (f", backbone {cfg.init_from}" if cfg.init_from else ""))

@@ -21,6 +21,7 @@ from lmtrain.data.prepare import DatasetMeta, PreparedData, load_prepared, prepa
 from lmtrain.data.tokenizers import TOKENIZER_FILE, ByteTokenizer, Tokenizer, load_tokenizer, special_id
 from lmtrain.distributed.config import StrategyKind
 from lmtrain.distributed.rank import say
+from lmtrain.hf.backbone import hf_spec, load_hf_backbone
 from lmtrain.model.config import ModelConfig
 from lmtrain.tasks.base import TaskModule
 from lmtrain.tasks import make_task
@@ -91,7 +92,10 @@ def pretraining_inputs(cfg: TrainConfig) -> RunInputs:
     data_dir = prepared_dir(cfg.data, cfg.tokenizer)
     prepared = load_prepared(data_dir)
     meta = prepared.meta
-    model_cfg = resolve_model_config(cfg.model, meta.vocab_size, str(data_dir))
+    if spec := hf_spec(cfg.init_from):
+        model_cfg = hf_pretraining_model(spec, meta, data_dir, tcfg.seq_len)
+    else:
+        model_cfg = resolve_model_config(cfg.model, meta.vocab_size, str(data_dir))
     check_token_ids(prepared.train, prepared.val, meta, model_cfg.vocab_size, data_dir)
     datamodule = LMDataModule(
         data_dir, dtype=meta.dtype, n_train_tokens=meta.n_train_tokens, n_val_tokens=meta.n_val_tokens,
@@ -109,23 +113,38 @@ def pretraining_inputs(cfg: TrainConfig) -> RunInputs:
                      tokens_per_byte=meta.n_val_tokens / max(1, meta.val_bytes) if causal else None)
 
 
+def hf_pretraining_model(spec: str, meta: DatasetMeta, data_dir: Path, seq_len: int) -> ModelConfig:
+    """The model of init_from=hf:<spec> for training on prepared data, which must have been tokenized
+    with that model's own tokenizer."""
+    backbone = load_hf_backbone(spec)
+    if meta.tokenizer_hash != backbone.tokenizer.fingerprint():
+        raise ValueError(
+            f"{data_dir} was prepared with another tokenizer (sha256 {meta.tokenizer_hash[:12]}) than init_from=hf:{spec} "
+            f"uses ({backbone.tokenizer.fingerprint()[:12]}, {backbone.model_dir / TOKENIZER_FILE}): the model would read "
+            f"its token ids as other tokens. Prepare the data with it: tokenizer=pretrained "
+            f"tokenizer.path={backbone.model_dir} (on both lmtrain prepare and lmtrain train)")
+    if seq_len > backbone.model_cfg.max_seq_len:
+        raise ValueError(f"trainer.seq_len={seq_len} exceeds the {backbone.model_cfg.max_seq_len} positions of "
+                         f"init_from=hf:{spec}; lower trainer.seq_len")
+    say(backbone.describe())
+    return backbone.model_cfg
+
+
 def finetune_tokenizer(cfg: TrainConfig) -> tuple[Tokenizer, ModelConfig]:
     """The backbone's tokenizer and architecture when starting from a checkpoint (as a Hugging
     Face from_pretrained does: the checkpoint's model config wins over model=...); otherwise a
     tokenizer that needs no corpus (byte or pretrained) and the configured model."""
     from lmtrain.inference import load_run_tokenizer, model_config_from_record
 
+    if spec := hf_spec(cfg.init_from):
+        backbone = load_hf_backbone(spec)
+        check_chosen_tokenizer(cfg, backbone.tokenizer)
+        say(backbone.describe())
+        return backbone.tokenizer, backbone.model_cfg
     if cfg.init_from:
         saved = load_record(Path(cfg.init_from))["lmtrain"]
         tokenizer = load_run_tokenizer(cfg.init_from, saved)
-        if cfg.tokenizer.kind is TokenizerKind.pretrained:
-            chosen = load_tokenizer(cfg.tokenizer.path, eos_token=cfg.tokenizer.eos_token)
-            if chosen.fingerprint() != tokenizer.fingerprint():
-                raise ValueError(
-                    f"tokenizer.path={cfg.tokenizer.path} is not the tokenizer init_from={cfg.init_from} was trained with "
-                    f"(sha256 {chosen.fingerprint()[:12]} vs {tokenizer.fingerprint()[:12]}): its token ids would mean "
-                    "other things to the backbone. Drop tokenizer=... to use the backbone's own"
-                )
+        check_chosen_tokenizer(cfg, tokenizer)
         model_cfg = model_config_from_record(saved["model_config"])
         if cfg.model.name != model_cfg.name:
             say(f"init_from: the backbone is the checkpoint's model ({model_cfg.name}); model={cfg.model.name} is not used")
@@ -144,6 +163,29 @@ def finetune_tokenizer(cfg: TrainConfig) -> tuple[Tokenizer, ModelConfig]:
     return tokenizer, resolve_model_config(cfg.model, tokenizer.vocab_size, "the tokenizer")
 
 
+def check_chosen_tokenizer(cfg: TrainConfig, backbone_tokenizer: Tokenizer) -> None:
+    """tokenizer=pretrained next to init_from must name the backbone's own tokenizer."""
+    if cfg.tokenizer.kind is not TokenizerKind.pretrained:
+        return
+    chosen = load_tokenizer(cfg.tokenizer.path, eos_token=cfg.tokenizer.eos_token)
+    if chosen.fingerprint() != backbone_tokenizer.fingerprint():
+        raise ValueError(
+            f"tokenizer.path={cfg.tokenizer.path} is not the tokenizer init_from={cfg.init_from} was trained with "
+            f"(sha256 {chosen.fingerprint()[:12]} vs {backbone_tokenizer.fingerprint()[:12]}): its token ids would mean "
+            "other things to the backbone. Drop tokenizer=... to use the backbone's own"
+        )
+
+
+def pad_token_id(cfg: TrainConfig, tokenizer: Tokenizer) -> int:
+    """<|pad|>; for a Hugging Face backbone whose tokenizer has none (GPT-2, Llama), eos, as HF
+    fine-tuning does: padding is masked out of attention and loss, so its id is never read."""
+    found = tokenizer.special_token_ids()
+    if "<|pad|>" not in found and hf_spec(cfg.init_from):
+        say(f"init_from={cfg.init_from}: its tokenizer has no <|pad|> token; padding uses eos ({tokenizer.eos_token})")
+        return tokenizer.eos_id
+    return special_id(tokenizer, "<|pad|>", f"task={cfg.task.kind.name}")
+
+
 def finetune_inputs(cfg: TrainConfig) -> RunInputs:
     from lmtrain.data.examples import build_features, describe, load_splits
 
@@ -155,7 +197,7 @@ def finetune_inputs(cfg: TrainConfig) -> RunInputs:
     train_rows, val_rows = load_splits(cfg.data)
     train, val = build_features(kind, train_rows, val_rows, tokenizer, cfg.data, cfg.task, tcfg.seq_len)
     datamodule = TaskDataModule(
-        train, val, kind=kind, pad_id=special_id(tokenizer, "<|pad|>", f"task={kind.name}"),
+        train, val, kind=kind, pad_id=pad_token_id(cfg, tokenizer),
         micro_batch_size=tcfg.micro_batch_size, global_batch_size=tcfg.resolved_global_batch_size(), seed=cfg.seed,
         val_examples=cfg.task.val_examples, num_workers=tcfg.num_workers, tokenizer=tokenizer,
     )
@@ -204,7 +246,10 @@ def build_task(cfg: TrainConfig, inputs: RunInputs, record: dict) -> TaskModule:
 def init_weights_from(task: TaskModule, path: str, tokenizer_hash: str) -> None:
     """Weights only (any layout), into a run that starts at step 0 with a fresh optimizer. A task
     with a head loads the backbone (`model.*`) and starts its head fresh; what was not loaded and
-    what the checkpoint holds beyond this model are reported."""
+    what the checkpoint holds beyond this model are reported. init_from=hf:<dir or hub id> loads a
+    Hugging Face model's weights instead."""
+    if spec := hf_spec(path):
+        return init_weights_from_hf(task, spec, tokenizer_hash)
     saved = load_record(Path(path))["lmtrain"]
     if saved.get("tokenizer_hash") not in (None, tokenizer_hash):
         raise CheckpointError(
@@ -229,6 +274,24 @@ def init_weights_from(task: TaskModule, path: str, tokenizer_hash: str) -> None:
     if saved_causal != task.model_cfg.causal:
         say(f"init_from: the checkpoint was trained as a {'decoder' if saved_causal else 'bidirectional encoder'}, "
             f"this run's model is a {'decoder' if task.model_cfg.causal else 'bidirectional encoder'}")
+
+
+def init_weights_from_hf(task: TaskModule, spec: str, tokenizer_hash: str) -> None:
+    from lmtrain.hf.backbone import load_hf_state
+
+    backbone = load_hf_backbone(spec)
+    if backbone.tokenizer.fingerprint() != tokenizer_hash:  # pretraining_inputs / finetune_tokenizer made sure
+        raise CheckpointError(f"init_from=hf:{spec}: this run's tokenizer (sha256 {tokenizer_hash[:12]}) is not the model's "
+                              f"{backbone.model_dir / TOKENIZER_FILE} ({backbone.tokenizer.fingerprint()[:12]})")
+    weights = {f"model.{k}": v for k, v in load_hf_state(backbone).items()}
+    shapes, aliases = expected_shapes(task)
+    backbone_shapes = {k: v for k, v in shapes.items() if k.startswith("model.")}
+    if problems := shape_mismatches(weights, backbone_shapes, aliases):
+        raise CheckpointError(f"init_from=hf:{spec} does not fit this model:\n  " + "\n  ".join(problems[:20]))
+    task.load_state_dict(weights, strict=False)
+    fresh = sorted(k for k in shapes if k not in weights and k not in aliases)
+    say(f"initialised {len(weights)} tensors from {backbone.model_dir}"
+        + (f"; new, freshly initialised: {summarize_names(fresh)}" if fresh else ""))
 
 
 def load_weights_names(path: str) -> list[str]:
