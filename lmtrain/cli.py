@@ -28,6 +28,7 @@ COMMANDS = {
     "plot": "PNG curves of a run's loss, lr, tokens/s and grad norm (run=runs/<run> [out=DIR])",
     "sweep-report": "a sweep's trials best first, trials.csv and objective-vs-parameter plots (sweep_dir=sweeps/<name>)",
     "plan": "per-GPU memory of a model, strategy and batch; the cheapest strategy that fits",
+    "harness": "lm-evaluation-harness tasks on a checkpoint, no export step (ckpt=... tasks=[arc_easy,hellaswag])",
     "inspect": "attention maps, logit lens, surprisal and attributions of one text, as PNGs (ckpt=... text=...)",
     "export": "any strategy's checkpoint as one state dict or a checked Hugging Face model (ckpt=... format=torch|safetensors|hf)",
 }
@@ -85,6 +86,7 @@ _TYPED_RUNNERS = {
     "predict": "lmtrain.predict:run",
     "export": "lmtrain.export:run",
     "inspect": "lmtrain.inspection:run",
+    "harness": "lmtrain.harness:run",
     "sweep": "lmtrain.sweep:run",
     "plot": "lmtrain.reports:run_plot",
     "sweep-report": "lmtrain.reports:run_sweep_report",

@@ -23,7 +23,7 @@ from lmtrain.distributed.config import StrategyConfig
 from lmtrain.loggers import LoggerConfig
 from lmtrain.model.config import ModelConfig
 from lmtrain.optim import OptimConfig, ScheduleConfig
-from lmtrain.tasks.config import TaskConfig
+from lmtrain.tasks.config import TaskConfig, TaskKind
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed", "64-true")
 
@@ -108,6 +108,34 @@ class TrainerConfig:
 
 
 @dataclass
+class HarnessTrainConfig:
+    """lm-evaluation-harness tasks scored during training (causal LMs): logged as harness/<task>/<metric>."""
+
+    tasks: List[str] = field(default_factory=list)
+    """lm-eval task names, e.g. [arc_easy,hellaswag], or tasks of include_path."""
+    every_steps: int = 0
+    """Score every N optimizer steps; 0 = never."""
+    include_path: Optional[str] = None
+    """A directory of lm-eval task YAMLs (local tasks)."""
+    limit: Optional[float] = None
+    """At most this many examples per task (a fraction below 1); None = all."""
+    num_fewshot: Optional[int] = None
+    batch_size: int = 16
+    max_gen_toks: int = 256
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0:
+            raise ValueError(f"harness.every_steps={self.every_steps} must be >= 0 (0 = never)")
+        if self.every_steps > 0 and not self.tasks:
+            raise ValueError(f"harness.every_steps={self.every_steps} but harness.tasks is empty; name lm-eval tasks, "
+                             "e.g. harness.tasks=[arc_easy]")
+        if self.limit is not None and self.limit <= 0:
+            raise ValueError(f"harness.limit={self.limit} must be positive (a count, or a fraction below 1), or null")
+        if self.batch_size < 1:
+            raise ValueError(f"harness.batch_size={self.batch_size} must be >= 1")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -118,6 +146,7 @@ class TrainConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    harness: HarnessTrainConfig = field(default_factory=HarnessTrainConfig)
     run_name: Optional[str] = None
     """The run directory's name under runs_dir; None = the SLURM job id, else a timestamp. Reusing a
     name continues that run (resume=auto)."""
@@ -139,6 +168,9 @@ class TrainConfig:
                 f"trainer.seq_len={self.trainer.seq_len} exceeds model.max_seq_len={self.model.max_seq_len} "
                 f"of model={self.model.name}; lower trainer.seq_len or raise model.max_seq_len"
             )
+        if self.harness.every_steps and self.task.kind is not TaskKind.causal_lm:
+            raise ValueError(f"harness.every_steps={self.harness.every_steps} but task={self.task.kind.value}: lm-eval "
+                             "scores causal language models; set harness.every_steps=0")
         self.trainer.accumulation()  # a global batch that does not divide fails here, before any work
 
 
@@ -220,6 +252,37 @@ class InspectConfig:
             raise ValueError(f"ig_steps={self.ig_steps} must be >= 1 (integration points of integrated gradients, e.g. 32)")
 
 
+@dataclass
+class HarnessConfig:
+    ckpt: str = "???"
+    """Any causal-LM checkpoint: a file (single/DDP) or a ZeRO / FSDP directory."""
+    tasks: List[str] = field(default_factory=list)
+    """lm-eval task names, e.g. [hellaswag,arc_easy] (fetched from the hub when online) or tasks of include_path."""
+    include_path: Optional[str] = None
+    """A directory of lm-eval task YAMLs (local tasks, local data)."""
+    limit: Optional[float] = None
+    """At most this many examples per task (a fraction below 1); None = all."""
+    num_fewshot: Optional[int] = None
+    batch_size: int = 16
+    max_gen_toks: int = 256
+    """generate_until tasks: new tokens at most (also bounded by the model's context)."""
+    seed: int = 1234
+    out: Optional[str] = None
+    """Results JSON; default runs/<run>/harness/<checkpoint name>.json."""
+    wandb: bool = False
+    """Also log harness/<task>/<metric> to the run's W&B run (the id the run recorded), at the checkpoint's step."""
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("tasks is empty; name the lm-eval tasks to run, e.g. tasks=[arc_easy,hellaswag] "
+                             "(or tasks of include_path=DIR)")
+        if self.limit is not None and self.limit <= 0:
+            raise ValueError(f"limit={self.limit} must be positive (a count, or a fraction below 1), or null for all")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+
+
 class ExportFormat(Enum):
     torch = "torch"
     safetensors = "safetensors"
@@ -299,6 +362,7 @@ def register_configs() -> None:
     cs.store(name="predict_schema", node=PredictConfig)
     cs.store(name="export_schema", node=ExportConfig)
     cs.store(name="inspect_schema", node=InspectConfig)
+    cs.store(name="harness_schema", node=HarnessConfig)
     from lmtrain.distributed.plan import PlanConfig  # here: plan.py imports TrainerConfig from this module
 
     cs.store(name="plan_schema", node=PlanConfig)

@@ -204,6 +204,9 @@ def check_keys(spec: SweepSpec, distributions: dict, default, groups: set[str]) 
 
 def check_metric(metric: str, typed, shown: str) -> None:
     """typed: a trial's TrainConfig; shown: its parameter values, for the message."""
+    if metric.startswith("harness/"):
+        check_harness_metric(metric, typed, shown)
+        return
     loggable = loggable_metrics(typed.task.kind)
     if metric not in loggable:
         raise ValueError(f"sweep.metric={metric!r} is not logged by a task={typed.task.kind.value} run; choose one "
@@ -212,6 +215,20 @@ def check_metric(metric: str, typed, shown: str) -> None:
         raise ValueError(f"sweep.metric={metric!r} is logged at validation, every trainer.val_every_steps="
                          f"{typed.trainer.val_every_steps} steps, but a trial with {shown} stops at trainer.max_steps="
                          f"{typed.trainer.max_steps}: no trial would log it; lower trainer.val_every_steps")
+
+
+def check_harness_metric(metric: str, typed, shown: str) -> None:
+    """harness/<task>/<metric>: logged every harness.every_steps steps for each of harness.tasks."""
+    task = metric.split("/")[1] if metric.count("/") == 2 else ""
+    harness = typed.harness
+    if harness.every_steps == 0 or task not in harness.tasks:
+        raise ValueError(f"sweep.metric={metric!r} is an lm-eval score, logged only for the tasks of harness.tasks "
+                         f"(now {list(harness.tasks)}, every harness.every_steps={harness.every_steps} steps); add "
+                         f"harness.tasks=[{task or '<task>'}] harness.every_steps=N to sweep.overrides")
+    if harness.every_steps > typed.trainer.max_steps:
+        raise ValueError(f"sweep.metric={metric!r} is logged every harness.every_steps={harness.every_steps} steps, but a "
+                         f"trial with {shown} stops at trainer.max_steps={typed.trainer.max_steps}: no trial would log "
+                         "it; lower harness.every_steps")
 
 
 def compute_probes(distributions: dict) -> list[dict]:

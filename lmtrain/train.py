@@ -270,7 +270,12 @@ def build_trainer(cfg: TrainConfig, task: TaskModule, run_dir: Path, inputs: Run
         tokens_per_byte=inputs.tokens_per_byte, print_lines=not progress_bar,
     )
     accumulate = tcfg.accumulation()
-    inspect = build_inspect_callback(cfg, run_dir, inputs)
+    views = build_inspect_callback(cfg, run_dir, inputs)
+    if cfg.harness.every_steps:
+        from lmtrain.callbacks.harness import HarnessEveryN
+
+        tokenizer = load_tokenizer(inputs.data_dir / TOKENIZER_FILE, eos_token=inputs.eos_token)
+        views.append(HarnessEveryN(cfg.harness, tokenizer, run_dir / "harness", seed=cfg.seed))
     trainer = L.Trainer(
         accelerator=tcfg.accelerator, devices=tcfg.devices, num_nodes=tcfg.num_nodes, strategy=strategy,
         precision=precision, max_steps=tcfg.max_steps, max_epochs=-1, accumulate_grad_batches=accumulate,
@@ -278,7 +283,7 @@ def build_trainer(cfg: TrainConfig, task: TaskModule, run_dir: Path, inputs: Run
         use_distributed_sampler=False,  # our sampler deals disjoint, resumable slices itself
         logger=build_loggers(cfg.logger, run_dir, record=record, wandb_run_id=task.record["wandb_run_id"],
                              resume_step=resume_step),
-        enable_checkpointing=False, callbacks=[metrics, *([checkpoints] if tcfg.checkpoint else []), *inspect, *cluster_callbacks],
+        enable_checkpointing=False, callbacks=[metrics, *([checkpoints] if tcfg.checkpoint else []), *views, *cluster_callbacks],
         plugins=[AtomicCheckpointIO(), *plugins], enable_progress_bar=progress_bar, enable_model_summary=False,
         default_root_dir=run_dir, log_every_n_steps=tcfg.log_every_steps,
     )
