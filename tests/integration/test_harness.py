@@ -135,3 +135,29 @@ def test_sweep_can_optimize_a_harness_score_only_when_the_trials_log_it():
     late = to_typed(compose("train", ["harness.tasks=[arc_easy]", "harness.every_steps=500", "trainer.max_steps=100"]))
     with pytest.raises(ValueError, match="stops at trainer.max_steps=100: no trial would log it"):
         check_metric("harness/arc_easy/acc", late, "lr=0.001")
+
+
+def test_harness_scores_join_the_runs_own_wandb_run(prepared, tmp_path):
+    import subprocess
+    import sys
+
+    from lmtrain_testing import run_cli
+    from lmtrain.loggers import load_wandb_state
+
+    run = train_in_process([*prepared, *TINY_TRAIN, "trainer.max_steps=4", "logger.wandb=true", "logger.mode=offline"],
+                           tmp_path / "lm")
+    run_id = load_wandb_state(run)["run_id"]
+    import wandb
+
+    wandb.finish()  # as the training process's exit would: W&B refuses a run id still in use
+    run_cli(["harness", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "tasks=[lmtrain_mc]", "wandb=true",
+             f"include_path={write_tasks(tmp_path / 'tasks')}"], cwd=tmp_path, env={"WANDB_SILENT": "true"})
+    acc = json.loads((run / "harness" / "step-00000004.json").read_text())["scores"]["harness/lmtrain_mc/acc"]
+    attempts = sorted((run / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(attempts) == 2  # training's, then the harness's: one W&B run id, synced as one run
+    # Read back what W&B wrote, with its own reader.
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    records = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(attempts[-1] / f"run-{run_id}.wandb")],
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+    rows = [json.loads(line)["history"]["item"] for line in records if '"history"' in line]
+    assert [(row["harness/lmtrain_mc/acc"], row["harness/checkpoint_step"]) for row in rows] == [(acc, 4)]
