@@ -173,7 +173,7 @@ def export_hf(ckpt: Path, out: Path, *, dtype: torch.dtype, dtype_name: str, ove
                                                            max_shard_bytes=max_shard_bytes)))
     size = sum((out / f).stat().st_size for f in files)
     print(f"exported {family_of(model_cfg).name} model ({len(hf_state)} tensors, {dtype_name}, {size / 1e6:.1f} MB in "
-          f"{len(files)} weight file(s)) from {ckpt} to {out}", flush=True)
+          f"{len(files)} file(s)) from {ckpt} to {out}", flush=True)
     if check:
         diff = compute_max_logit_diff(out, state, model_cfg)
         print(f"check: transformers vs lmtrain fp32 logits on a fixed {CHECK_BATCH}x{check_input(model_cfg).shape[1]} "

@@ -5,6 +5,7 @@ through `torch.load(weights_only=True)`, and no `trust_remote_code` anywhere."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -126,10 +127,20 @@ def plan_shards(state: dict[str, Tensor], max_shard_bytes: int) -> list[list[str
     return shards
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_hf_weights(state: dict[str, Tensor], directory: Path, max_shard_bytes: int) -> list[str]:
     """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json above the
     size; returns the file names written."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file as save_private
+
+    def save_file(tensors: dict[str, Tensor], path: str, metadata: dict) -> None:
+        save_private(tensors, path, metadata=metadata)
+        os.chmod(path, 0o666 & ~current_umask())  # safetensors creates 0600: a server run as another user could not read it
 
     shards = plan_shards(state, max_shard_bytes)
     if len(shards) == 1:

@@ -87,3 +87,13 @@ def test_train_save_resume_export(prepared, reference, tmp_path, strategy, kill)
             for name, ckpt in (("direct", run_dir / "checkpoints" / "last.ckpt"), ("ddp", reference["ckpt"]))]
     assert seen[0].surprisal[1:] == pytest.approx(seen[1].surprisal[1:], rel=1e-4)  # [0]: the eos, not scored
     assert torch.allclose(torch.stack(seen[0].attention), torch.stack(seen[1].attention), atol=1e-5)
+
+    # ... and exports as a Hugging Face model that computes in transformers what the DDP run's export does
+    transformers = pytest.importorskip("transformers")
+    hf_logits = []
+    for name, ckpt in (("hf", run_dir / "checkpoints" / "last.ckpt"), ("hf-ddp", reference["ckpt"])):
+        proc = run_cli(["export", f"ckpt={ckpt}", "format=hf", f"out={tmp_path / name}"], cwd=tmp_path)
+        assert "max abs difference" in proc.stdout  # the built-in check ran and passed
+        with torch.no_grad():
+            hf_logits.append(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name).float().eval()(batch).logits)
+    torch.testing.assert_close(hf_logits[0], hf_logits[1], rtol=1e-4, atol=1e-4)
