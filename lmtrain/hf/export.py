@@ -69,17 +69,19 @@ def model_and_task(ckpt: Path) -> tuple[ModelConfig, dict]:
 
 
 def special_ids(tokenizer: Tokenizer) -> dict[str, int | None]:
+    # bos is eos (GPT-2's convention): an lmtrain causal LM reads every document after an eos and never
+    # sees <|bos|> (reserved for encoder tasks). lm-eval and others put bos in front of a text: it must
+    # be the token the model knows as a document start.
     found = tokenizer.special_token_ids()
-    return {"eos_id": tokenizer.eos_id, "bos_id": found.get("<|bos|>"), "pad_id": found.get("<|pad|>")}
+    return {"eos_id": tokenizer.eos_id, "bos_id": tokenizer.eos_id, "pad_id": found.get("<|pad|>")}
 
 
 def write_tokenizer(tokenizer: Tokenizer, directory: Path, max_seq_len: int) -> None:
-    """tokenizer.json + tokenizer_config.json; bos is eos when the tokenizer has no <|bos|> (GPT-2's
-    convention, and what config.json says too)."""
+    """tokenizer.json + tokenizer_config.json; bos is eos, as in config.json (see special_ids)."""
     tokenizer.save(directory)
     path = directory / TOKENIZER_CONFIG_FILE
     config = json.loads(path.read_text())
-    config.setdefault("bos_token", tokenizer.eos_token)
+    config["bos_token"] = tokenizer.eos_token
     config["model_max_length"] = max_seq_len
     path.write_text(json.dumps(config, indent=2) + "\n")
 

@@ -97,6 +97,30 @@ def test_harness_scores_equal_lmtrains_own_loglikelihoods_and_generation(lm, tmp
     assert scores["harness/lmtrain_gen/exact_match"] == pytest.approx(matches / len(rows))
 
 
+def test_the_hf_export_scored_by_lm_evals_own_hf_backend_matches_the_native_one(lm, tmp_path):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from lmtrain.config import ExportConfig, ExportFormat
+    from lmtrain.export import run as export
+    from lmtrain.harness import evaluate, scores
+    from lmtrain.inference import load_model, load_run_tokenizer
+
+    tasks = write_tasks(tmp_path / "tasks")
+    export(ExportConfig(ckpt=str(lm), format=ExportFormat.hf, out=str(tmp_path / "hf")))
+    names = ["lmtrain_mc", "lmtrain_rolling"]
+    via_hf = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(tmp_path / "hf"), "dtype": "float32",
+                                                             "device": "cpu"},
+                                     tasks=names, task_manager=TaskManager(include_path=str(tasks)), log_samples=False,
+                                     bootstrap_iters=0)
+    model, record = load_model(lm, "cpu")
+    native = evaluate(model, load_run_tokenizer(lm, record), names, include_path=str(tasks))
+    hf_scores, native_scores = scores(via_hf), scores(native)
+    assert hf_scores.keys() == native_scores.keys() and "harness/lmtrain_rolling/bits_per_byte" in hf_scores
+    for key, value in native_scores.items():
+        assert hf_scores[key] == pytest.approx(value, rel=1e-5), key
+
+
 def test_harness_refuses_what_it_cannot_score(lm, tmp_path, cli):
     from lmtrain_testing import refusal_line
 

@@ -58,8 +58,10 @@ def test_export_loads_in_transformers_with_lmtrain_logits_generation_and_tokens(
     assert ours.generate(prompt, 20, temperature=0).tolist() == theirs.tolist()
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    # bos is eos: what an lmtrain causal LM knows as a document start (lm-eval prefixes texts with it)
     assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token, tokenizer.mask_token) == (
-        "<|endoftext|>", "<|pad|>", "<|bos|>", "<|mask|>")
+        "<|endoftext|>", "<|pad|>", "<|endoftext|>", "<|mask|>")
+    assert hf.config.bos_token_id == 256
     assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (256, 257)
     assert tokenizer("The cat")["input_ids"] == list(b"The cat")
     assert (hf.config.eos_token_id, hf.config.pad_token_id, hf.config.vocab_size) == (256, 257, 262)
