@@ -13,45 +13,40 @@ import torch.nn.functional as F
 
 from lmtrain.config import EvalConfig
 from lmtrain.data.prepare import load_prepared
-from lmtrain.data.sampler import ValWindows, count_windows
-from lmtrain.data.tokenizers import TOKENIZER_FILE, WordTokenizer, load_tokenizer
-from lmtrain.checkpoint import load_record
-from lmtrain.inference import load_model, task_kind
+from lmtrain.data.sampler import val_windows
+from lmtrain.data.tokenizers import WordTokenizer
+from lmtrain.tasks.config import TaskKind
+from lmtrain.trained import load_trained, read_record
 
 
 def run(cfg: EvalConfig) -> dict[str, float]:
-    kind = task_kind(load_record(Path(cfg.ckpt))["lmtrain"])
-    if kind == "causal_lm":
+    run_record = read_record(cfg.ckpt)
+    if run_record.kind is TaskKind.causal_lm:
         return evaluate_causal_lm(cfg)
     from lmtrain.task_eval import evaluate_task
 
     return evaluate_task(cfg)
 
 
-def val_windows(data_dir: Path, meta, seq_len: int, val_batches: int | None, micro: int) -> ValWindows:
-    """The first val_batches x micro windows of a prepared val split (all when None), on one process."""
-    available = count_windows(meta.n_val_tokens, seq_len)
-    n_windows = available if val_batches is None else min(available, val_batches * micro)
-    return ValWindows(data_dir / "val.bin", dtype=meta.dtype, n_tokens=meta.n_val_tokens, seq_len=seq_len,
-                      n_windows=n_windows, rank=0, world_size=1)
-
-
 @torch.no_grad()
 def evaluate_causal_lm(cfg: EvalConfig) -> dict[str, float]:
-    model, record = load_model(cfg.ckpt, cfg.device)
-    trainer_cfg = record["config"]["trainer"]
-    data_dir = Path(record["data_dir"])
+    trained = load_trained(cfg.ckpt, cfg.device)
+    model, run_record = trained.model, trained.run
+    data_dir = run_record.data_dir
+    if data_dir is None:
+        raise ValueError(f"checkpoint {cfg.ckpt} names no prepared data (its run was not pretraining), so there is no "
+                         "val split to evaluate it on")
     prepared = load_prepared(data_dir)
     meta = prepared.meta
-    if meta.tokenizer_hash != record["tokenizer_hash"]:
+    if meta.tokenizer_hash != run_record.tokenizer_hash:
         raise ValueError(f"{data_dir} was prepared with another tokenizer than checkpoint {cfg.ckpt} was trained with")
-    seq_len = trainer_cfg["seq_len"]
-    micro = cfg.micro_batch_size or trainer_cfg["micro_batch_size"]
+    seq_len = run_record.trainer.seq_len
+    micro = cfg.micro_batch_size or run_record.trainer.micro_batch_size
     windows = val_windows(data_dir, meta, seq_len, cfg.val_batches, micro)
     n_windows = len(windows)
     loader = torch.utils.data.DataLoader(windows, batch_size=micro)
     device = next(model.parameters()).device
-    tokenizer = load_tokenizer(data_dir / TOKENIZER_FILE, eos_token=meta.eos_token)
+    tokenizer = trained.tokenizer
     unk_id = tokenizer.unk_id if isinstance(tokenizer, WordTokenizer) else None
     loss_sum, tokens, unk_targets = 0.0, 0, 0
     for batch in loader:

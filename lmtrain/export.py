@@ -15,24 +15,25 @@ from pathlib import Path
 
 import torch
 
-from lmtrain.checkpoint import CheckpointError, detect_layout, list_step_checkpoints, load_checkpoint_file, load_record, load_weights
+from lmtrain.checkpoint import CheckpointError, detect_layout, list_step_checkpoints, load_checkpoint_file, load_weights
 from lmtrain.checkpoint.io import os_error_in, save_atomic, write_atomic
 from lmtrain.config import ExportConfig, ExportFormat
+from lmtrain.trained import RunRecord, read_record
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SUFFIXES = {ExportFormat.torch: ".pt", ExportFormat.safetensors: ".safetensors", ExportFormat.hf: "-hf"}
 
 
-def export_state_dict(ckpt: Path, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
+def export_state_dict(ckpt: Path, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], RunRecord]:
     """Plain model weights (names as in lmtrain.model.Transformer; a task head's as `head.*`) and
     the checkpoint's record."""
-    record = load_record(ckpt)["lmtrain"]
+    run = read_record(ckpt)
     weights = load_weights(ckpt)
     state = {k.removeprefix("model."): v.to(dtype) if v.is_floating_point() else v
              for k, v in weights.items() if k.startswith(("model.", "head."))}
-    if record["model_config"].get("tied_embeddings"):
+    if run.model.tied_embeddings:
         state.pop("lm_head.weight", None)  # stored once, as tok_embeddings.weight
-    return state, record
+    return state, run
 
 
 def default_out_path(ckpt: Path, dtype: str, fmt: ExportFormat) -> Path:
@@ -143,10 +144,9 @@ def run(cfg: ExportConfig) -> Path:
 
         return export_hf(ckpt, out, dtype=DTYPES[cfg.dtype], dtype_name=cfg.dtype, overwrite=cfg.overwrite,
                          check=cfg.check, check_atol=cfg.check_atol, max_shard_size=cfg.max_shard_size)
-    state, record = export_state_dict(ckpt, DTYPES[cfg.dtype])
-    meta = {"model_config": record["model_config"], "lmtrain_version": record["version"],
-            "tokenizer_hash": record["tokenizer_hash"], "eos_token": record.get("eos_token"), "source": str(ckpt),
-            "task": record.get("task", {"kind": "causal_lm"})}
+    state, run = export_state_dict(ckpt, DTYPES[cfg.dtype])
+    meta = {"model_config": run.raw["model_config"], "lmtrain_version": run.version, "tokenizer_hash": run.tokenizer_hash,
+            "eos_token": run.eos_token, "source": str(ckpt), "task": {"kind": run.kind.name, "label_names": run.label_names}}
     save_export(state, meta, out, cfg.format)
     n = sum(v.numel() for v in state.values())
     print(f"exported {len(state)} tensors ({n:,} values, {cfg.dtype}) from {ckpt} to {out}", flush=True)

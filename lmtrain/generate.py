@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from lmtrain.checkpoint import load_record
 from lmtrain.config import GenerateConfig
-from lmtrain.inference import load_model, load_run_tokenizer, sample_text, task_kind
+from lmtrain.inference import sample_text
+from lmtrain.tasks.config import TaskKind
+from lmtrain.trained import TrainedModel, load_trained, read_record
 
 
 def run(cfg: GenerateConfig) -> list[str]:
-    kind = task_kind(load_record(Path(cfg.ckpt))["lmtrain"])
-    if kind == "translate":
-        return [translate_prompt(cfg)]
-    if kind != "causal_lm":
-        raise ValueError(f"checkpoint {cfg.ckpt} was trained for task={kind}, which does not generate text; "
+    kind = read_record(cfg.ckpt).kind
+    if kind not in (TaskKind.translate, TaskKind.causal_lm):
+        raise ValueError(f"checkpoint {cfg.ckpt} was trained for task={kind.name}, which does not generate text; "
                          "use lmtrain predict (classify, qa) or lmtrain eval")
-    model, record = load_model(cfg.ckpt, cfg.device)
-    tokenizer = load_run_tokenizer(cfg.ckpt, record)
+    trained = load_trained(cfg.ckpt, cfg.device)
+    if kind is TaskKind.translate:
+        return [translate_prompt(trained, cfg)]
+    model, tokenizer = trained.model, trained.tokenizer
     texts = []
     for i in range(cfg.num_samples):
         text = sample_text(model, tokenizer, cfg.prompt, cfg.max_new_tokens, temperature=cfg.temperature,
@@ -27,14 +26,13 @@ def run(cfg: GenerateConfig) -> list[str]:
     return texts
 
 
-def translate_prompt(cfg: GenerateConfig) -> str:
+def translate_prompt(loaded: TrainedModel, cfg: GenerateConfig) -> str:
     """A translation checkpoint: the prompt is the source sentence; decoded with beam search."""
     from lmtrain.data.examples import source_budget, translation_prompt
-    from lmtrain.task_eval import load_task, translate
+    from lmtrain.task_eval import translate
 
-    loaded = load_task(cfg.ckpt, cfg.device)
     prompt = translation_prompt(loaded.tokenizer.encode(cfg.prompt), loaded.specials(),
-                                source_budget(loaded.task_cfg, loaded.seq_len))
-    text = translate(loaded, prompt, cfg.beam_size or loaded.task_cfg.beam_size)
+                                source_budget(loaded.run.task, loaded.run.trainer.seq_len))
+    text = translate(loaded, prompt, cfg.beam_size or loaded.run.task.beam_size)
     print(text, flush=True)
     return text

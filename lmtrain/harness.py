@@ -206,17 +206,16 @@ def scores(results: dict[str, Any]) -> dict[str, float]:
 def run(cfg: HarnessConfig) -> dict[str, float]:
     from lm_eval.utils import make_table
 
-    from lmtrain.checkpoint import load_record
-    from lmtrain.inference import load_model, load_run_tokenizer, task_kind
+    from lmtrain.tasks.config import TaskKind
+    from lmtrain.trained import load_trained, read_record
 
-    full = load_record(Path(cfg.ckpt))
-    record, step = full["lmtrain"], int(full.get("global_step", 0))
-    if task_kind(record) != "causal_lm":
-        raise ValueError(f"checkpoint {cfg.ckpt} was trained for task={task_kind(record)}; lm-eval scores causal "
+    run_record = read_record(cfg.ckpt)
+    if run_record.kind is not TaskKind.causal_lm:
+        raise ValueError(f"checkpoint {cfg.ckpt} was trained for task={run_record.kind.name}; lm-eval scores causal "
                          "language models (use lmtrain eval for this task's own metrics)")
-    model, record = load_model(cfg.ckpt, cfg.device)
-    tokenizer = load_run_tokenizer(cfg.ckpt, record)
-    results = evaluate(model, tokenizer, list(cfg.tasks), include_path=cfg.include_path, limit=cfg.limit,
+    trained = load_trained(cfg.ckpt, cfg.device, run=run_record)
+    step = run_record.step
+    results = evaluate(trained.model, trained.tokenizer, list(cfg.tasks), include_path=cfg.include_path, limit=cfg.limit,
                        num_fewshot=cfg.num_fewshot, batch_size=cfg.batch_size, max_gen_toks=cfg.max_gen_toks,
                        seed=cfg.seed)
     print(make_table(results), flush=True)
@@ -229,7 +228,7 @@ def run(cfg: HarnessConfig) -> dict[str, float]:
                                "limit": cfg.limit, "num_fewshot": cfg.num_fewshot}, indent=2, default=str) + "\n")
     print(f"wrote {out}", flush=True)
     if cfg.wandb:
-        log_to_wandb(ckpt.parent.parent, record, flat, step)
+        log_to_wandb(ckpt.parent.parent, run_record.raw, flat, step)
     return flat
 
 

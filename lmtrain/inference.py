@@ -1,25 +1,24 @@
-"""Load a trained model and its tokenizer from a checkpoint, for `generate` and `eval`."""
+"""Inference helpers: the device to run on, the run's tokenizer, sampling text. Loading a trained
+model is `lmtrain.trained.load_trained`."""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from lmtrain.checkpoint import CheckpointError, load_record, load_weights
+from lmtrain.checkpoint import CheckpointError
 from lmtrain.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
-from lmtrain.model.config import MLPKind, ModelConfig, Norm, Positional
+from lmtrain.model.config import ModelConfig
 from lmtrain.model.transformer import Transformer
 
-_ENUMS = {"positional": Positional, "norm": Norm, "mlp": MLPKind}
 
+def model_config_from_record(values: dict) -> ModelConfig:
+    """A ModelConfig from the plain dict a checkpoint (or a preset YAML) holds."""
+    from lmtrain.trained import typed
 
-def model_config_from_record(record: dict) -> ModelConfig:
-    known = {f.name for f in fields(ModelConfig)}
-    values = {k: (_ENUMS[k](v) if k in _ENUMS else v) for k, v in record.items() if k in known}
-    return ModelConfig(**values)
+    return typed(ModelConfig, values)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -38,43 +37,13 @@ def resolve_device(device: str) -> torch.device:
     return chosen
 
 
-def task_kind(record: dict) -> str:
-    """The task a checkpoint was trained for (checkpoints from before tasks existed: causal_lm)."""
-    return record.get("task", {}).get("kind", "causal_lm")
-
-
 def load_model(ckpt_path: str | Path, device: str = "auto") -> tuple[Transformer, dict]:
-    """The plain model of a checkpoint (weights only, eval mode) and the checkpoint's lmtrain record."""
-    model, _, record = load_task_model(ckpt_path, device)
-    return model, record
+    """The plain Transformer of a checkpoint (eval mode) and the record as saved: `load_trained`'s
+    model, for callers that need nothing else."""
+    from lmtrain.trained import load_trained
 
-
-def load_task_model(ckpt_path: str | Path, device: str = "auto") -> tuple[Transformer, torch.nn.Module | None, dict]:
-    """The model, the task head (classify, qa; else None), both in eval mode, and the lmtrain record."""
-    from lmtrain.tasks.heads import LinearHead
-
-    record = load_record(Path(ckpt_path))["lmtrain"]
-    model_cfg = model_config_from_record(record["model_config"])
-    model = Transformer(model_cfg)  # no init_weights(): every weight comes from the checkpoint
-    weights = load_weights(Path(ckpt_path))
-    head = None
-    n_outputs = {"classify": len(record.get("task", {}).get("label_names", [])), "qa": 2}.get(task_kind(record))
-    if n_outputs:
-        head = LinearHead(model_cfg.d_model, n_outputs, dropout=0.0, init_std=model_cfg.init_std)
-        head_state = {k.removeprefix("head."): v for k, v in weights.items() if k.startswith("head.")}
-        try:
-            head.load_state_dict(head_state, strict=True)
-        except RuntimeError as e:
-            raise CheckpointError(f"checkpoint {ckpt_path} holds no complete {task_kind(record)} head: {e}") from e
-        head = head.to(resolve_device(device)).eval()
-    state = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
-    if model_cfg.tied_embeddings:  # sharded layouts store a tied tensor once
-        state.setdefault("lm_head.weight", state.get("tok_embeddings.weight"))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {ckpt_path} does not match its own model config: {e}") from e
-    return model.to(resolve_device(device)).eval(), head, record
+    trained = load_trained(ckpt_path, device)
+    return trained.model, trained.run.raw
 
 
 def decode_text(tokenizer: Tokenizer, ids: list[int]) -> str:

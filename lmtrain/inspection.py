@@ -323,11 +323,11 @@ def run(cfg) -> Inspection:
     from pathlib import Path
 
     from lmtrain.inspect_views import write_views
-    from lmtrain.task_eval import load_task
+    from lmtrain.trained import load_trained
 
-    loaded = load_task(cfg.ckpt, cfg.device)
-    result = inspect_text(loaded.task, loaded.kind, loaded.tokenizer, cfg.text, seq_len=loaded.seq_len,
-                          label_names=loaded.record.get("task", {}).get("label_names"), ig_steps=cfg.ig_steps)
+    loaded = load_trained(cfg.ckpt, cfg.device)
+    result = inspect_text(loaded.module, loaded.kind, loaded.tokenizer, cfg.text, seq_len=loaded.run.trainer.seq_len,
+                          label_names=loaded.run.label_names or None, ig_steps=cfg.ig_steps)
     ckpt = Path(cfg.ckpt).resolve()  # last.ckpt names the step it points at
     out = Path(cfg.out) if cfg.out else ckpt.parent.parent / "inspect" / ckpt.stem
     written = write_views(result, loaded.tokenizer, out, title=f"{Path(cfg.ckpt).name} ({loaded.kind.name})")

@@ -7,7 +7,8 @@ import torch
 
 from lmtrain.config import PredictConfig
 from lmtrain.data.examples import Collate, classify_ids, qa_windows, source_budget, translation_prompt
-from lmtrain.task_eval import LoadedTask, load_task, translate
+from lmtrain.task_eval import translate
+from lmtrain.trained import TrainedModel, load_trained
 from lmtrain.tasks.config import TaskKind
 
 
@@ -19,7 +20,7 @@ def require(value: str | None, name: str, kind: TaskKind, example: str) -> str:
 
 @torch.no_grad()
 def run(cfg: PredictConfig) -> dict:
-    loaded = load_task(cfg.ckpt, cfg.device)
+    loaded = load_trained(cfg.ckpt, cfg.device)
     match loaded.kind:
         case TaskKind.classify:
             result = predict_label(loaded, require(cfg.text, "text", loaded.kind, 'text="a gripping, funny film"'),
@@ -34,8 +35,8 @@ def run(cfg: PredictConfig) -> dict:
         case TaskKind.translate:
             source = require(cfg.text, "text", loaded.kind, 'text="ein kleines Haus"')
             sp = loaded.specials()
-            prompt = translation_prompt(loaded.tokenizer.encode(source), sp, source_budget(loaded.task_cfg, loaded.seq_len))
-            result = {"translation": translate(loaded, prompt, cfg.beam_size or loaded.task_cfg.beam_size)}
+            prompt = translation_prompt(loaded.tokenizer.encode(source), sp, source_budget(loaded.run.task, loaded.run.trainer.seq_len))
+            result = {"translation": translate(loaded, prompt, cfg.beam_size or loaded.run.task.beam_size)}
             print(result["translation"], flush=True)
         case _:
             raise ValueError(
@@ -45,27 +46,27 @@ def run(cfg: PredictConfig) -> dict:
     return result
 
 
-def predict_label(loaded: LoadedTask, text: str, pair: str | None) -> dict:
+def predict_label(loaded: TrainedModel, text: str, pair: str | None) -> dict:
     sp = loaded.specials()
     tok = loaded.tokenizer
-    ids = classify_ids(tok.encode(text), tok.encode(pair) if pair else None, sp, loaded.seq_len)
+    ids = classify_ids(tok.encode(text), tok.encode(pair) if pair else None, sp, loaded.run.trainer.seq_len)
     batch = {k: v.to(loaded.device) for k, v in Collate(loaded.kind, sp.pad)([{"ids": ids, "label": 0}]).items()}
-    probs = torch.softmax(loaded.task(batch)[0].float(), -1).tolist()
-    names = loaded.record["task"]["label_names"]
+    probs = torch.softmax(loaded.module(batch)[0].float(), -1).tolist()
+    names = loaded.run.label_names
     return {"label": names[max(range(len(probs)), key=probs.__getitem__)], "probabilities": dict(zip(names, probs))}
 
 
-def predict_answer(loaded: LoadedTask, question: str, context: str) -> dict:
+def predict_answer(loaded: TrainedModel, question: str, context: str) -> dict:
     from lmtrain.tasks.finetune import keep_best
 
     sp = loaded.specials()
-    windows = qa_windows(loaded.tokenizer.encode(question), context, loaded.tokenizer, sp, loaded.task_cfg, loaded.seq_len)
+    windows = qa_windows(loaded.tokenizer.encode(question), context, loaded.tokenizer, sp, loaded.run.task, loaded.run.trainer.seq_len)
     best: dict = {}
     items = [{**w, "example": 0} for w in windows]
     batch = {k: v.to(loaded.device) for k, v in Collate(loaded.kind, sp.pad)(items).items()}
-    start, end = loaded.task(batch)
+    start, end = loaded.module(batch)
     for row, item in enumerate(items):
         keep_best(best, item, start[row].float().cpu(), end[row].float().cpu(), [(context, [])],
-                  loaded.task_cfg.max_answer_tokens)
+                  loaded.run.task.max_answer_tokens)
     score, answer = best.get(0, (float("-inf"), ""))
     return {"answer": answer, "score": score}

@@ -42,10 +42,11 @@ from lmtrain.distributed.slurm_env import check_slurm_environment, in_slurm_job
 from lmtrain.distributed.config import ShardingKind, StrategyKind
 from lmtrain.distributed.fsdp import apply_fsdp, build_fsdp_mesh
 from lmtrain.distributed.strategy import build_strategy, resolve_kind
-from lmtrain.inference import load_model, sample_text
+from lmtrain.inference import sample_text
 from lmtrain.loggers import build_loggers, load_wandb_state, new_wandb_run_id
 from lmtrain.tasks.base import TaskModule
 from lmtrain.tasks.config import TaskKind
+from lmtrain.trained import load_trained
 from lmtrain.train_inputs import (
     RunInputs,
     build_task,
@@ -170,8 +171,7 @@ def train(cfg: TrainConfig, record: dict, run_dir: Path, hydra_files: dict[str, 
     inputs = run_inputs(cfg)
     model_cfg = inputs.model_cfg
     # The model actually built: its vocabulary from the data, or (fine-tuning from init_from) the backbone's config.
-    record = {**record, "model": model_config_dict(model_cfg) if cfg.init_from and not cfg.task.kind.pretraining
-              else {**record["model"], "vocab_size": model_cfg.vocab_size}}
+    record = {**record, "model": model_config_dict(model_cfg)}
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = build_task(cfg, inputs, checkpoint_record(record, inputs, kind, tcfg.world_size, cfg.task.kind))
@@ -348,8 +348,8 @@ def summarize(cfg: TrainConfig, task: TaskModule, metrics: StepMetrics, inputs: 
         print("val " + " | ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in val[-1].items() if k.startswith("val/")))
     if cfg.task.kind is not TaskKind.causal_lm or not (run_dir / "checkpoints" / "last.ckpt").exists():
         return  # trainer.checkpoint=false: nothing to sample from
-    tokenizer = load_tokenizer(run_dir / "tokenizer" / TOKENIZER_FILE, eos_token=task.record["eos_token"])
     # From the final checkpoint rather than the live model: under ZeRO-3 or FSDP rank 0 holds
     # only a shard, and this also proves the checkpoint loads for `lmtrain generate`.
-    model, _ = load_model(run_dir / "checkpoints" / "last.ckpt", "cpu")
-    print("\n--- sample ---\n" + sample_text(model, tokenizer, tcfg.sample_prompt, tcfg.sample_tokens) + "\n--------------")
+    trained = load_trained(run_dir / "checkpoints" / "last.ckpt", "cpu")
+    sample = sample_text(trained.model, trained.tokenizer, tcfg.sample_prompt, tcfg.sample_tokens)
+    print("\n--- sample ---\n" + sample + "\n--------------")

@@ -12,7 +12,7 @@ import lightning as L
 import numpy as np
 
 from lmtrain import __version__
-from lmtrain.checkpoint import CheckpointError, expected_shapes, load_record, load_weights, shape_mismatches
+from lmtrain.checkpoint import CheckpointError, expected_shapes, load_weights, shape_mismatches
 from lmtrain.config import TrainConfig
 from lmtrain.data.config import TokenizerKind
 from lmtrain.data.datamodule import LMDataModule, TaskDataModule
@@ -134,7 +134,8 @@ def finetune_tokenizer(cfg: TrainConfig) -> tuple[Tokenizer, ModelConfig]:
     """The backbone's tokenizer and architecture when starting from a checkpoint (as a Hugging
     Face from_pretrained does: the checkpoint's model config wins over model=...); otherwise a
     tokenizer that needs no corpus (byte or pretrained) and the configured model."""
-    from lmtrain.inference import load_run_tokenizer, model_config_from_record
+    from lmtrain.inference import load_run_tokenizer
+    from lmtrain.trained import read_record
 
     if spec := hf_spec(cfg.init_from):
         backbone = load_hf_backbone(spec)
@@ -142,10 +143,10 @@ def finetune_tokenizer(cfg: TrainConfig) -> tuple[Tokenizer, ModelConfig]:
         say(backbone.describe())
         return backbone.tokenizer, backbone.model_cfg
     if cfg.init_from:
-        saved = load_record(Path(cfg.init_from))["lmtrain"]
-        tokenizer = load_run_tokenizer(cfg.init_from, saved)
+        saved = read_record(cfg.init_from)
+        tokenizer = load_run_tokenizer(cfg.init_from, saved.raw)
         check_chosen_tokenizer(cfg, tokenizer)
-        model_cfg = model_config_from_record(saved["model_config"])
+        model_cfg = saved.model
         if cfg.model.name != model_cfg.name:
             say(f"init_from: the backbone is the checkpoint's model ({model_cfg.name}); model={cfg.model.name} is not used")
         return tokenizer, model_cfg
@@ -250,10 +251,12 @@ def init_weights_from(task: TaskModule, path: str, tokenizer_hash: str) -> None:
     Hugging Face model's weights instead."""
     if spec := hf_spec(path):
         return init_weights_from_hf(task, spec, tokenizer_hash)
-    saved = load_record(Path(path))["lmtrain"]
-    if saved.get("tokenizer_hash") not in (None, tokenizer_hash):
+    from lmtrain.trained import read_record
+
+    saved = read_record(path)
+    if saved.tokenizer_hash != tokenizer_hash:
         raise CheckpointError(
-            f"init_from={path} was trained with another tokenizer (sha256 {saved['tokenizer_hash'][:12]}) than this run's "
+            f"init_from={path} was trained with another tokenizer (sha256 {saved.tokenizer_hash[:12]}) than this run's "
             f"data ({tokenizer_hash[:12]}): its embeddings would read these token ids as other tokens. Prepare the data "
             "with the backbone's tokenizer (tokenizer=pretrained tokenizer.path=runs/<pretrain>/tokenizer)"
         )
@@ -270,7 +273,7 @@ def init_weights_from(task: TaskModule, path: str, tokenizer_hash: str) -> None:
     say(f"initialised {len(weights)} tensors from {path}"
         + (f"; new, freshly initialised: {summarize_names(missing)}" if missing else "")
         + (f"; in the checkpoint but not used: {summarize_names(unexpected)}" if unexpected else ""))
-    saved_causal = saved.get("model_config", {}).get("causal", True)
+    saved_causal = saved.model.causal
     if saved_causal != task.model_cfg.causal:
         say(f"init_from: the checkpoint was trained as a {'decoder' if saved_causal else 'bidirectional encoder'}, "
             f"this run's model is a {'decoder' if task.model_cfg.causal else 'bidirectional encoder'}")

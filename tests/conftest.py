@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,21 @@ def _one_thread(monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _no_shared_wandb_service():
+    """W&B run inside this process (a run trained in-process with logger.wandb) starts a wandb service
+    and names it in os.environ["WANDB_SERVICE"]; every lmtrain process a later test starts would
+    inherit it and share that service's runs (a SIGKILLed attempt's run id then stays "in use").
+    Such a test ends with the service torn down and the variable gone."""
+    before = os.environ.get("WANDB_SERVICE")
+    yield
+    if before is None and "WANDB_SERVICE" in os.environ:
+        import wandb
+
+        wandb.teardown()
+        os.environ.pop("WANDB_SERVICE", None)
 
 
 @pytest.fixture

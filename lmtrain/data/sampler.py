@@ -155,3 +155,11 @@ def val_shard(items: list[dict], rank: int, world_size: int) -> list[dict]:
         else:
             shard.append({**items[0], "index": -1, "filler": True})
     return shard
+
+
+def val_windows(data_dir: Path, meta, seq_len: int, val_batches: int | None, micro: int) -> ValWindows:
+    """The first val_batches x micro windows of a prepared val split (all when None), on one process."""
+    available = count_windows(meta.n_val_tokens, seq_len)
+    n_windows = available if val_batches is None else min(available, val_batches * micro)
+    return ValWindows(data_dir / "val.bin", dtype=meta.dtype, n_tokens=meta.n_val_tokens, seq_len=seq_len,
+                      n_windows=n_windows, rank=0, world_size=1)

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-from lmtrain.checkpoint import CheckpointError, load_record
+from lmtrain.checkpoint import CheckpointError
 from lmtrain.data.tokenizers import TOKENIZER_CONFIG_FILE, Tokenizer
-from lmtrain.hf.convert import family_of, hf_config, to_hf_state
+from lmtrain.hf.convert import Family, family_of, hf_config, to_hf_state
 from lmtrain.hf.files import parse_size, save_hf_weights
 from lmtrain.model.config import ModelConfig
 from lmtrain.model.transformer import Transformer
+from lmtrain.trained import RunRecord
 
 CHECK_SEQ_LEN = 32
 CHECK_BATCH = 2
@@ -53,47 +54,52 @@ def check_out_dir(out: Path, *, overwrite: bool) -> None:
                              "or out=DIR to write elsewhere")
 
 
-def model_and_task(ckpt: Path) -> tuple[ModelConfig, dict]:
+def model_and_task(ckpt: Path) -> tuple[ModelConfig, RunRecord]:
     """The checkpoint's model config and record, refused before any weight is read when no HF class
     computes them."""
-    from lmtrain.inference import model_config_from_record, task_kind
+    from lmtrain.trained import read_record
 
-    record = load_record(ckpt)["lmtrain"]
-    model_cfg = model_config_from_record(record["model_config"])
-    family_of(model_cfg)
-    if (kind := task_kind(record)) != "causal_lm":
+    record = read_record(ckpt)
+    model_cfg = record.model
+    lm_task = "masked_lm" if family_of(model_cfg) is Family.bert else "causal_lm"
+    if (kind := record.kind.name) != lm_task:
         raise ValueError(f"checkpoint {ckpt} is a task={kind} model; format=hf exports causal_lm checkpoints (GPT-2, "
-                         "Llama). A task head has no exact HF class yet (lmtrain's classification head has a bias, the "
+                         "Llama) and masked_lm ones (BERT). A task head has no exact HF class yet (lmtrain's classification head has a bias, the "
                          "HF *ForSequenceClassification score layer has none); use format=safetensors")
     return model_cfg, record
 
 
-def special_ids(tokenizer: Tokenizer) -> dict[str, int | None]:
+def special_ids(tokenizer: Tokenizer, family: Family) -> dict[str, int | None]:
+    found = tokenizer.special_token_ids()
+    if family is Family.bert:  # an encoder's sequences start with <|bos|> ([CLS] in a BERT tokenizer)
+        return {"eos_id": tokenizer.eos_id, "bos_id": found.get("<|bos|>"), "pad_id": found.get("<|pad|>")}
     # bos is eos (GPT-2's convention): an lmtrain causal LM reads every document after an eos and never
     # sees <|bos|> (reserved for encoder tasks). lm-eval and others put bos in front of a text: it must
     # be the token the model knows as a document start.
-    found = tokenizer.special_token_ids()
     return {"eos_id": tokenizer.eos_id, "bos_id": tokenizer.eos_id, "pad_id": found.get("<|pad|>")}
 
 
-def write_tokenizer(tokenizer: Tokenizer, directory: Path, max_seq_len: int) -> None:
-    """tokenizer.json + tokenizer_config.json; bos is eos, as in config.json (see special_ids)."""
+def write_tokenizer(tokenizer: Tokenizer, directory: Path, max_seq_len: int, family: Family) -> None:
+    """tokenizer.json + tokenizer_config.json; for a decoder bos is eos, as in config.json (see special_ids)."""
     tokenizer.save(directory)
     path = directory / TOKENIZER_CONFIG_FILE
     config = json.loads(path.read_text())
-    config["bos_token"] = tokenizer.eos_token
+    if family is not Family.bert:
+        config["bos_token"] = tokenizer.eos_token
     config["model_max_length"] = max_seq_len
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def write_hf_dir(directory: Path, hf_state: dict, model_cfg: ModelConfig, tokenizer: Tokenizer, *, dtype: str,
                  max_shard_bytes: int) -> list[str]:
-    ids = special_ids(tokenizer)
+    family = family_of(model_cfg)
+    ids = special_ids(tokenizer, family)
     config = hf_config(model_cfg, **ids, dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype])
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": ids["eos_id"], "pad_token_id": ids["pad_id"]}
-    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    write_tokenizer(tokenizer, directory, model_cfg.max_seq_len)
+    if family is not Family.bert:  # an encoder does not generate
+        generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": ids["eos_id"], "pad_token_id": ids["pad_id"]}
+        (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    write_tokenizer(tokenizer, directory, model_cfg.max_seq_len, family)
     return save_hf_weights(hf_state, directory, max_shard_bytes)
 
 
@@ -131,11 +137,12 @@ def check_input(model_cfg: ModelConfig) -> torch.Tensor:
     return torch.randint(0, model_cfg.vocab_size, (CHECK_BATCH, seq_len), generator=generator)
 
 
-def load_hf_model(directory: Path):
+def load_hf_model(directory: Path, family: Family):
     """The exported directory through transformers' own Auto class in fp32; refused if any tensor was
     missing or left over (transformers would only warn and initialise it randomly)."""
     transformers = require_transformers()
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+    auto = transformers.AutoModelForMaskedLM if family is Family.bert else transformers.AutoModelForCausalLM
+    model, info = auto.from_pretrained(
         directory, trust_remote_code=False, output_loading_info=True)
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if problems:
@@ -149,7 +156,7 @@ def compute_max_logit_diff(directory: Path, state: dict[str, torch.Tensor], mode
     ids = check_input(model_cfg)
     with torch.no_grad():
         ours = lmtrain_reference(state, model_cfg)(ids)[..., : model_cfg.vocab_size]
-        theirs = load_hf_model(directory)(ids).logits.float()
+        theirs = load_hf_model(directory, family_of(model_cfg))(ids).logits.float()
     if theirs.shape != ours.shape:
         raise ValueError(f"transformers' logits have shape {tuple(theirs.shape)}, lmtrain's {tuple(ours.shape)}")
     return (theirs - ours).abs().max().item()
@@ -162,7 +169,7 @@ def export_hf(ckpt: Path, out: Path, *, dtype: torch.dtype, dtype_name: str, ove
 
     max_shard_bytes = parse_size(max_shard_size)  # out was checked by lmtrain.export.check_out_path
     model_cfg, record = model_and_task(ckpt)
-    tokenizer = load_run_tokenizer(ckpt, record)
+    tokenizer = load_run_tokenizer(ckpt, record.raw)
     if check:
         require_transformers()  # before the weights are read and written, not after
     state, _ = export_state_dict(ckpt, dtype)

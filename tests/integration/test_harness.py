@@ -168,11 +168,12 @@ def test_harness_scores_join_the_runs_own_wandb_run(prepared, tmp_path):
     from lmtrain_testing import run_cli
     from lmtrain.loggers import load_wandb_state
 
+    import wandb
+
+    wandb.finish()  # a W&B run an earlier in-process test left open would be reused by Lightning's logger
     run = train_in_process([*prepared, *TINY_TRAIN, "trainer.max_steps=4", "logger.wandb=true", "logger.mode=offline"],
                            tmp_path / "lm")
     run_id = load_wandb_state(run)["run_id"]
-    import wandb
-
     wandb.finish()  # as the training process's exit would: W&B refuses a run id still in use
     run_cli(["harness", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "tasks=[lmtrain_mc]", "wandb=true",
              f"include_path={write_tasks(tmp_path / 'tasks')}"], cwd=tmp_path, env={"WANDB_SILENT": "true"})

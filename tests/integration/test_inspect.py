@@ -120,7 +120,10 @@ def tensorboard_images(directory: Path) -> dict[str, list[int]]:
 
 
 def test_training_logs_the_views_to_wandb_and_tensorboard(prepared, tmp_path, monkeypatch):
+    import wandb
+
     monkeypatch.setenv("WANDB_SILENT", "true")
+    wandb.finish()  # a run an earlier in-process test left open would be reused by Lightning's logger
     run = train_in_process([*prepared, *TINY_TRAIN, "trainer.max_steps=10", "logger.inspect_every_steps=5",
                             "logger.inspect_text=The cat sat.", "logger.tensorboard=true", "logger.wandb=true",
                             "logger.mode=offline"], tmp_path / "lm")
@@ -132,3 +135,4 @@ def test_training_logs_the_views_to_wandb_and_tensorboard(prepared, tmp_path, mo
     (offline,) = (run / "wandb").glob("offline-run-*")
     media = sorted(p.name for p in (offline / "files" / "media" / "images" / "inspect").glob("*.png"))
     assert len(media) == 8 and {name.rsplit("_", 2)[0] for name in media} == set(views)
+    wandb.finish()
