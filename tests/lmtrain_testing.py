@@ -311,3 +311,27 @@ def refusal_line(proc: subprocess.CompletedProcess) -> str:
     lines = [line for line in proc.stderr.splitlines() if line.startswith("lmtrain: error: ")]
     assert len(lines) == 1, proc.stderr[-3000:]
     return lines[0]
+
+
+def write_bert_tokenizer(directory: Path, vocab_size: int = 200) -> Path:
+    """A BERT WordPiece tokenizer (uncased; [PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4, as BERT's
+    own trainer orders them) trained on the test corpus's words, saved as tokenizer.json plus the
+    tokenizer_config.json transformers writes for it: what a BERT directory on the hub holds."""
+    import json
+
+    from tokenizers import processors
+    from tokenizers.implementations import BertWordPieceTokenizer
+
+    tokenizer = BertWordPieceTokenizer(lowercase=True)
+    texts = [" ".join(words) + " . , ? !" for words in (SUBJECTS, VERBS, OBJECTS, POSITIVE_WORDS, NEGATIVE_WORDS)]
+    tokenizer.train_from_iterator(texts * 20, vocab_size=vocab_size, min_frequency=1, show_progress=False)
+    # BERT's template, which its tokenizer.json files on the hub carry (the trainer leaves none)
+    cls_sep = [(token, tokenizer.token_to_id(token)) for token in ("[CLS]", "[SEP]")]
+    tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                             special_tokens=cls_sep)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    config = {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "cls_token": "[CLS]", "sep_token": "[SEP]",
+              "pad_token": "[PAD]", "mask_token": "[MASK]", "unk_token": "[UNK]", "model_max_length": 512}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return directory / "tokenizer.json"

@@ -17,6 +17,8 @@ Special token ids:
   Words are split at whitespace only (the corpus is expected to be tokenized already, as WikiText
   is) and decode joined by single spaces.
 - pretrained: whatever the file says; eos is looked up by name, the extra specials when present.
+  A BERT WordPiece tokenizer (none of lmtrain's names, all of [CLS] [SEP] [PAD] [MASK] [UNK]) has
+  its specials play lmtrain's roles, see BERT_SPECIAL_TOKENS; its eos (document end) is [SEP].
 
 Text is encoded as text: a document that contains the string `<|endoftext|>` does not produce
 the eos id (HF tokenizers would otherwise match added tokens inside raw text); to the word
@@ -44,6 +46,11 @@ WORD_UNK_TOKEN = "<unk>"
 # Reserved now so encoder tasks (masked LM, classification, QA) find them in every tokenizer.
 # Order matters: it fixes their ids (see the module docstring).
 EXTRA_SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|mask|>", "<|sep|>", "<|unk|>")
+# BERT's tokenizers name their specials their own way. These play lmtrain's roles, so the encoder tasks
+# build BERT's own sequences: classify `[CLS] text [SEP] pair`, masked LM masks with [MASK]. BERT has
+# no document end: [SEP] is its eos too (between documents, as in its pretraining data).
+BERT_SPECIAL_TOKENS = {"<|pad|>": "[PAD]", "<|bos|>": "[CLS]", "<|mask|>": "[MASK]", "<|sep|>": "[SEP]", "<|unk|>": "[UNK]"}
+BERT_EOS_TOKEN = "[SEP]"
 # tokenizer_config.json keys that transformers reads, for the specials we know by name.
 _TRANSFORMERS_SPECIAL_KEYS = {
     "<|pad|>": "pad_token",
@@ -86,6 +93,11 @@ class Tokenizer(ABC):
     def special_token_ids(self) -> Dict[str, int]:
         """eos and those of EXTRA_SPECIAL_TOKENS this tokenizer has, by name."""
 
+    def special_token_text(self, name: str) -> str:
+        """The token that plays the role of lmtrain's special `name` (eos or one of EXTRA_SPECIAL_TOKENS)
+        in this tokenizer: `name` itself, except in a BERT tokenizer (BERT_SPECIAL_TOKENS)."""
+        return name
+
     def fingerprint(self) -> str:
         """sha256 hex of the serialized form: equals `sha256sum tokenizer.json` after `save`."""
         return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
@@ -99,7 +111,10 @@ class Tokenizer(ABC):
         transformers_config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token}
         for name in self.special_token_ids():
             if name in _TRANSFORMERS_SPECIAL_KEYS:
-                transformers_config[_TRANSFORMERS_SPECIAL_KEYS[name]] = name
+                text = self.special_token_text(name)
+                # BERT's tokenizers call their start token cls_token (bos_token is unset there)
+                key = "cls_token" if text == BERT_SPECIAL_TOKENS["<|bos|>"] else _TRANSFORMERS_SPECIAL_KEYS[name]
+                transformers_config[key] = text
         if self.unk_token is not None:  # the one encoding produces wins over the reserved <|unk|>
             transformers_config["unk_token"] = self.unk_token
         (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(transformers_config, indent=2) + "\n")
@@ -188,6 +203,11 @@ class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizers.Tokenizer` (trained BPE or a pretrained tokenizer.json)."""
 
     def __init__(self, hf: hf_tokenizers.Tokenizer, eos_token: str, origin: str = "the tokenizer"):
+        self._roles = special_roles(hf)
+        if self._roles == BERT_SPECIAL_TOKENS:
+            self.unk_token = BERT_SPECIAL_TOKENS["<|unk|>"]  # what WordPiece makes of an unknown word
+            if eos_token == DEFAULT_EOS_TOKEN and hf.token_to_id(eos_token) is None:
+                eos_token = BERT_EOS_TOKEN  # the default asked of a BERT tokenizer, which has none
         eos_id = hf.token_to_id(eos_token)
         if eos_id is None:
             specials = [token.content for token in hf.get_added_tokens_decoder().values() if token.special]
@@ -230,11 +250,22 @@ class HFTokenizer(Tokenizer):
 
     def special_token_ids(self) -> Dict[str, int]:
         found = {self.eos_token: self.eos_id}
-        for name in EXTRA_SPECIAL_TOKENS:
-            token_id = self._hf.token_to_id(name)
-            if token_id is not None:
-                found[name] = token_id
+        for name, text in self._roles.items():
+            found[name] = self._hf.token_to_id(text)
         return found
+
+    def special_token_text(self, name: str) -> str:
+        return self._roles.get(name, name)
+
+
+def special_roles(hf: hf_tokenizers.Tokenizer) -> Dict[str, str]:
+    """lmtrain's special name -> the token that plays it, for those this tokenizer has: lmtrain's own
+    names, or BERT's when it has none of lmtrain's and every one of BERT's."""
+    own = {name: name for name in EXTRA_SPECIAL_TOKENS if hf.token_to_id(name) is not None}
+    if own:
+        return own
+    specials = {token.content for token in hf.get_added_tokens_decoder().values() if token.special}
+    return dict(BERT_SPECIAL_TOKENS) if set(BERT_SPECIAL_TOKENS.values()) <= specials else {}
 
 
 class WordTokenizer(HFTokenizer):

@@ -19,8 +19,10 @@ from lmtrain.hf.files import load_config, load_hf_weights, resolve_model_dir
 from lmtrain.model.config import ModelConfig
 
 PREFIX = "hf:"
-# The base-model prefix a bare HF base model (GPT2Model, LlamaModel) saves its tensors without.
-BASE_PREFIX = {Family.gpt2: "transformer.", Family.llama: "model."}
+# The base-model prefix a bare HF base model (GPT2Model, LlamaModel, BertModel) saves its tensors without.
+BASE_PREFIX = {Family.gpt2: "transformer.", Family.llama: "model.", Family.bert: "bert."}
+# Heads sit beside the base model, never under its prefix.
+HEAD_PREFIXES = ("lm_head.", "cls.", "classifier.", "qa_outputs.")
 
 
 def hf_spec(init_from: str | None) -> str | None:
@@ -48,6 +50,8 @@ class HFBackbone:
                 f"vocab_size={c.vocab_size} max_seq_len={c.max_seq_len} tied_embeddings={c.tied_embeddings} "
                 f"bias={c.bias} dropout={c.dropout} norm_eps={c.norm_eps}"
                 + (f" rope_theta={c.rope_theta}" if family_of(c) is Family.llama else "")
+                + (f" mlp={c.mlp.name} type_vocab_size={c.type_vocab_size} masked-LM head={c.lm_head_transform} (a "
+                   "pooler or task head in the checkpoint is not loaded)" if family_of(c) is Family.bert else "")
                 + "; model=... is not used")
 
 
@@ -70,10 +74,16 @@ def load_hf_backbone(spec: str) -> HFBackbone:
 
 
 def with_base_prefix(hf_state: dict[str, Tensor], family: Family) -> dict[str, Tensor]:
-    """Names as the *ForCausalLM class has them: a base model's (`h.0...`, as the original gpt2 on the
-    hub) get the base-model prefix."""
+    """Names as the *ForCausalLM / *ForMaskedLM class has them: a base model's (`h.0...`, as the original
+    gpt2 on the hub; `embeddings...` of a BertModel) get the base-model prefix, and the LayerNorm
+    `gamma`/`beta` of early BERT checkpoints (as transformers renames them at load) are weight/bias."""
     prefix = BASE_PREFIX[family]
-    return {(k if k.startswith(prefix) or k == "lm_head.weight" else prefix + k): v for k, v in hf_state.items()}
+    named = {(k if k.startswith((prefix, *HEAD_PREFIXES)) else prefix + k): v for k, v in hf_state.items()}
+    if family is Family.bert:
+        renamed = {".LayerNorm.gamma": ".LayerNorm.weight", ".LayerNorm.beta": ".LayerNorm.bias"}
+        named = {next((k.removesuffix(old) + new for old, new in renamed.items() if k.endswith(old)), k): v
+                 for k, v in named.items()}
+    return named
 
 
 def load_hf_state(backbone: HFBackbone) -> dict[str, Tensor]:

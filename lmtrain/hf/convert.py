@@ -9,6 +9,7 @@ Two families map exactly:
 - Llama (`LlamaForCausalLM`): RoPE, RMSNorm, SwiGLU, GQA. lmtrain's RoPE pairs x[i] with
   x[i + D/2] (rotate-half), as HF Llama does, so q/k rows are not permuted; the fused qkv rows are
   [q heads | k heads | v heads] and split into q_proj, k_proj, v_proj as they are.
+- BERT (`BertForMaskedLM`, an encoder): see `lmtrain.hf.bert`; qkv splits into query, key, value.
 
 Vocabulary: lmtrain pads its embedding and lm head to `padded_vocab_size` rows; the export keeps
 only the real `vocab_size` rows (HF vocab_size = the tokenizer's), so HF logits are lmtrain's over
@@ -25,18 +26,22 @@ from enum import Enum
 import torch
 from torch import Tensor
 
+from lmtrain.hf import bert
 from lmtrain.model.config import MLPKind, ModelConfig, Norm, Positional
 
 
 class Family(Enum):
     gpt2 = "gpt2"
     llama = "llama"
+    bert = "bert"
 
 
-ARCHITECTURES = {Family.gpt2: "GPT2LMHeadModel", Family.llama: "LlamaForCausalLM"}
-WHAT_MAPS = ("GPT2LMHeadModel (causal, pre_norm, positional=learned, norm=layernorm, mlp=gelu, n_kv_heads=n_heads) "
-             "and LlamaForCausalLM (causal, pre_norm, positional=rope, norm=rmsnorm, mlp=swiglu); both without "
-             "embedding_scale")
+ARCHITECTURES = {Family.gpt2: "GPT2LMHeadModel", Family.llama: "LlamaForCausalLM", Family.bert: "BertForMaskedLM"}
+WHAT_MAPS = ("GPT2LMHeadModel (causal, pre_norm, positional=learned, norm=layernorm, mlp=gelu, n_kv_heads=n_heads), "
+             "LlamaForCausalLM (causal, pre_norm, positional=rope, norm=rmsnorm, mlp=swiglu), both without "
+             "embedding_scale, and BertForMaskedLM (the bert_base preset's shape: causal=false, pre_norm=false, "
+             "positional=learned, norm=layernorm, mlp=gelu_exact or gelu, bias, tied_embeddings, embedding_norm, "
+             "type_vocab_size>0, lm_head_transform, lm_head_bias)")
 # Tensors some HF checkpoints carry that are buffers recomputed at load (causal masks, rotary frequencies).
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".crossattention.bias", "rotary_emb.inv_freq")
 
@@ -44,12 +49,17 @@ IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".crossattention.bias", "
 def family_of(cfg: ModelConfig) -> Family:
     """The HF family that computes this model exactly; ValueError listing what maps otherwise."""
     shape = {"causal": cfg.causal, "pre_norm": cfg.pre_norm, "embedding_scale": cfg.embedding_scale}
-    if cfg.causal and cfg.pre_norm and not cfg.embedding_scale:
+    if bert.is_bert(cfg):
+        return Family.bert
+    extras = not (cfg.embedding_norm or cfg.type_vocab_size or cfg.lm_head_transform or cfg.lm_head_bias)
+    if cfg.causal and cfg.pre_norm and not cfg.embedding_scale and extras:
         if (cfg.positional, cfg.norm, cfg.mlp) == (Positional.learned, Norm.layernorm, MLPKind.gelu):
             if cfg.kv_heads == cfg.n_heads:
                 return Family.gpt2
         if (cfg.positional, cfg.norm, cfg.mlp) == (Positional.rope, Norm.rmsnorm, MLPKind.swiglu):
             return Family.llama
+    shape |= {"bias": cfg.bias, "embedding_norm": cfg.embedding_norm, "type_vocab_size": cfg.type_vocab_size,
+              "lm_head_transform": cfg.lm_head_transform, "lm_head_bias": cfg.lm_head_bias}
     seen = ", ".join([f"positional={cfg.positional.name}", f"norm={cfg.norm.name}", f"mlp={cfg.mlp.name}",
                       f"n_kv_heads={cfg.kv_heads}/n_heads={cfg.n_heads}", *(f"{k}={v}" for k, v in shape.items())])
     raise ValueError(f"model {cfg.name} ({seen}) is computed exactly by no Hugging Face class; format=hf maps "
@@ -82,6 +92,12 @@ def hf_config(cfg: ModelConfig, *, bos_id: int | None, eos_id: int, pad_id: int 
                     "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
                     "attention_bias": cfg.bias, "mlp_bias": cfg.bias, "attention_dropout": cfg.dropout,
                     "pretraining_tp": 1}
+        case Family.bert:
+            if not bert.has_masked_lm_head(cfg):
+                raise ValueError(f"model {cfg.name} is BERT's encoder without its masked-LM head (lm_head_transform=false), "
+                                 "which BertForMaskedLM always has; format=hf exports encoders trained with "
+                                 "lm_head_transform=true lm_head_bias=true (as bert_base); use format=safetensors")
+            return bert.bert_hf_config(cfg, common)
     raise AssertionError("family_of returned an unknown family")
 
 
@@ -98,8 +114,11 @@ def model_config_from_hf(config: dict, *, source: str, name: str) -> ModelConfig
             return _gpt2_model_config(config, source=source, name=name)
         case "llama":
             return _llama_model_config(config, source=source, name=name)
+        case "bert":
+            return bert.bert_model_config(config, source=source, name=name)
     raise ValueError(f"{source}: model_type={model_type!r} (architectures {config.get('architectures')}) is not one "
-                     f"lmtrain imports; init_from=hf: reads model_type gpt2 (GPT2LMHeadModel) and llama (LlamaForCausalLM)")
+                     f"lmtrain imports; init_from=hf: reads model_type gpt2 (GPT2LMHeadModel), llama (LlamaForCausalLM) "
+                     "and bert (BertForMaskedLM, BertModel)")
 
 
 def _gpt2_model_config(config: dict, *, source: str, name: str) -> ModelConfig:
@@ -179,6 +198,8 @@ def links(cfg: ModelConfig) -> list[Link]:
             return _gpt2_links(cfg)
         case Family.llama:
             return _llama_links(cfg)
+        case Family.bert:
+            return _bert_links(cfg)
     raise AssertionError("family_of returned an unknown family")
 
 
@@ -225,6 +246,33 @@ def _llama_links(cfg: ModelConfig) -> list[Link]:
         out += [Link(f"{lm}attn_norm.weight", (f"{hf}input_layernorm.weight",), Op.copy, (d,)),
                 Link(f"{lm}mlp_norm.weight", (f"{hf}post_attention_layernorm.weight",), Op.copy, (d,))]
     out.append(Link("norm.weight", ("model.norm.weight",), Op.copy, (d,)))
+    return out
+
+
+def _bert_links(cfg: ModelConfig) -> list[Link]:
+    d, ff = cfg.d_model, cfg.ffn_dim
+    # tied always (bert.is_bert): the decoder is the word embedding
+    out = [Link("tok_embeddings.weight", ("bert.embeddings.word_embeddings.weight",), Op.vocab, (cfg.padded_vocab_size, d)),
+           Link("pos_embeddings.weight", ("bert.embeddings.position_embeddings.weight",), Op.copy, (cfg.max_seq_len, d)),
+           Link("type_embeddings.weight", ("bert.embeddings.token_type_embeddings.weight",), Op.copy,
+                (cfg.type_vocab_size, d))]
+    pairs = [("embed_norm", "bert.embeddings.LayerNorm", (d,))]
+    for i in range(cfg.n_layers):
+        lm, hf = f"blocks.{i}.", f"bert.encoder.layer.{i}."
+        qkv = tuple(f"{hf}attention.self.{p}" for p in ("query", "key", "value"))
+        out += [Link(f"{lm}attn.qkv.weight", tuple(f"{n}.weight" for n in qkv), Op.split, (3 * d, d), (d, d, d)),
+                Link(f"{lm}attn.qkv.bias", tuple(f"{n}.bias" for n in qkv), Op.split, (3 * d,), (d, d, d))]
+        pairs += [(f"{lm}attn.out_proj", f"{hf}attention.output.dense", (d, d)),
+                  (f"{lm}attn_norm", f"{hf}attention.output.LayerNorm", (d,)),
+                  (f"{lm}mlp.up", f"{hf}intermediate.dense", (ff, d)), (f"{lm}mlp.down", f"{hf}output.dense", (d, ff)),
+                  (f"{lm}mlp_norm", f"{hf}output.LayerNorm", (d,))]
+    if bert.has_masked_lm_head(cfg):
+        pairs += [("lm_head_transform.dense", "cls.predictions.transform.dense", (d, d)),
+                  ("lm_head_transform.norm", "cls.predictions.transform.LayerNorm", (d,))]
+        out.append(Link("lm_head.bias", ("cls.predictions.bias",), Op.vocab, (cfg.padded_vocab_size,)))
+    for lm_name, hf_name, shape in pairs:  # a weight and a bias each
+        out += [Link(f"{lm_name}.weight", (f"{hf_name}.weight",), Op.copy, shape),
+                Link(f"{lm_name}.bias", (f"{hf_name}.bias",), Op.copy, shape[:1])]
     return out
 
 
@@ -300,5 +348,6 @@ def unused_hf_tensors(hf_state: dict[str, Tensor], cfg: ModelConfig) -> list[str
     head excepted)."""
     used = {name for link in links(cfg) for name in link.hf}
     if cfg.tied_embeddings:
-        used.add("lm_head.weight")
-    return sorted(k for k in hf_state if k not in used and not k.endswith(IGNORED_SUFFIXES))
+        used |= {"lm_head.weight", "cls.predictions.decoder.weight"}
+    left_out = bert.is_not_loaded if family_of(cfg) is Family.bert else lambda name: False
+    return sorted(k for k in hf_state if k not in used and not k.endswith(IGNORED_SUFFIXES) and not left_out(k))

@@ -24,6 +24,7 @@ class Norm(Enum):
 class MLPKind(Enum):
     swiglu = "swiglu"
     gelu = "gelu"
+    gelu_exact = "gelu_exact"
     relu = "relu"
 
 
@@ -67,13 +68,14 @@ class ModelConfig:
     """Normalisation layer: rmsnorm or layernorm (layernorm has a bias iff `bias`)."""
 
     mlp: MLPKind = MLPKind.swiglu
-    """MLP kind: swiglu (silu-gated, three matrices), gelu (tanh approximation, as GPT-2) or relu."""
+    """MLP kind: swiglu (silu-gated, three matrices), gelu (tanh approximation, as GPT-2), gelu_exact
+    (the erf form, as BERT's hidden_act=gelu) or relu."""
 
     tied_embeddings: bool = True
     """Share one matrix between the token embedding and the lm head."""
 
     bias: bool = False
-    """Biases in linear layers and layernorms (the lm head never has one)."""
+    """Biases in linear layers and layernorms (the lm head has one only with lm_head_bias)."""
 
     dropout: float = 0.0
     """Dropout on embeddings, attention probabilities and residual branches, in training only; in [0, 1)."""
@@ -95,6 +97,21 @@ class ModelConfig:
     """true: a decoder (each position attends to itself and earlier ones; generates text).
     false: a bidirectional encoder (BERT-style; masked-LM pretraining, classification, QA)."""
 
+    embedding_norm: bool = False
+    """A norm (of kind `norm`) on the summed token, position and token-type embeddings, before the
+    embedding dropout, as BERT has."""
+
+    type_vocab_size: int = 0
+    """Rows of a token-type (segment) embedding added to the token embeddings, as BERT's 2; 0 = none.
+    Every token is type 0 unless forward is given token_type_ids."""
+
+    lm_head_transform: bool = False
+    """dense -> the MLP's activation -> norm between the final hidden states and the lm head, as
+    BERT's masked-LM head; task heads (classify, qa) read the hidden states before it."""
+
+    lm_head_bias: bool = False
+    """A bias on the lm head (BERT's masked-LM head has one)."""
+
     init_std: float = 0.02
     """Standard deviation of the normal weight init; residual output projections use
     init_std / sqrt(2 * n_layers)."""
@@ -109,6 +126,11 @@ class ModelConfig:
         self._check_divisibility()
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout={self.dropout} is outside [0, 1): use e.g. 0.0 (off) or 0.1")
+        if self.type_vocab_size < 0:
+            raise ValueError(f"model.type_vocab_size={self.type_vocab_size} is negative: use 0 (no token types) or e.g. 2")
+        if self.lm_head_transform and self.mlp is MLPKind.swiglu:
+            raise ValueError("model.lm_head_transform=true applies the MLP's activation, and mlp=swiglu has no single "
+                             "one: use mlp=gelu_exact (BERT), gelu or relu, or lm_head_transform=false")
 
     def _check_sizes(self) -> None:
         for field in ("pad_vocab_multiple", "d_model", "n_layers", "n_heads", "max_seq_len"):

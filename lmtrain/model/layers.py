@@ -22,13 +22,14 @@ class MLP(nn.Module):
     """Position-wise feed-forward: d_model -> hidden -> d_model.
 
     swiglu: down(silu(gate(x)) * up(x)) (Shazeer 2020, https://arxiv.org/abs/2002.05202).
-    gelu: the tanh approximation, as GPT-2 uses. relu: as the original Transformer.
+    gelu: the tanh approximation, as GPT-2 uses. gelu_exact: the erf form, as BERT uses (the two
+    differ by up to ~5e-4, enough to move an imported BERT's logits). relu: as the original Transformer.
     `down` is the residual output projection that `Transformer.init_weights` scales down.
     """
 
     def __init__(self, kind: MLPKind, d_model: int, hidden: int, *, bias: bool) -> None:
         super().__init__()
-        if kind not in (MLPKind.swiglu, MLPKind.gelu, MLPKind.relu):
+        if not isinstance(kind, MLPKind):
             raise ValueError(f"unknown model.mlp={kind!r}: use one of {', '.join(MLPKind.__members__)}")
         self.kind = kind
         self.up = nn.Linear(d_model, hidden, bias=bias)
@@ -36,14 +37,35 @@ class MLP(nn.Module):
         self.down = nn.Linear(hidden, d_model, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        match self.kind:
-            case MLPKind.swiglu:
-                h = F.silu(self.gate(x)) * self.up(x)
-            case MLPKind.gelu:
-                h = F.gelu(self.up(x), approximate="tanh")
-            case MLPKind.relu:
-                h = F.relu(self.up(x))
-        return self.down(h)
+        if self.kind is MLPKind.swiglu:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(activation(self.kind, self.up(x)))
+
+
+def activation(kind: MLPKind, x: Tensor) -> Tensor:
+    """The elementwise activation of a non-gated MLP kind."""
+    match kind:
+        case MLPKind.gelu:
+            return F.gelu(x, approximate="tanh")
+        case MLPKind.gelu_exact:
+            return F.gelu(x)
+        case MLPKind.relu:
+            return F.relu(x)
+    raise ValueError(f"model.mlp={kind.name} has no single elementwise activation; use gelu, gelu_exact or relu")
+
+
+class LMHeadTransform(nn.Module):
+    """BERT's masked-LM head transform before the vocabulary projection: norm(act(dense(x))),
+    (B, T, d_model) -> (B, T, d_model); the activation is the MLP's."""
+
+    def __init__(self, kind: MLPKind, norm: Norm, d_model: int, *, eps: float, bias: bool) -> None:
+        super().__init__()
+        self.kind = kind
+        self.dense = nn.Linear(d_model, d_model, bias=bias)
+        self.norm = build_norm(norm, d_model, eps=eps, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(activation(self.kind, self.dense(x)))
 
 
 def compute_rope_cos_sin(

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from lmtrain.model.attention import KVCache, LayerKVCache, SelfAttention
 from lmtrain.model.config import ModelConfig, Positional
 from lmtrain.model.generate import generate_tokens
-from lmtrain.model.layers import MLP, build_norm, compute_rope_cos_sin, compute_sinusoidal_table
+from lmtrain.model.layers import MLP, LMHeadTransform, build_norm, compute_rope_cos_sin, compute_sinusoidal_table
 
 
 class Block(nn.Module):
@@ -79,6 +79,10 @@ class Transformer(nn.Module):
         if cfg.positional is Positional.sinusoidal:
             table = compute_sinusoidal_table(cfg.max_seq_len, cfg.d_model)
             self.register_buffer("sinusoidal_table", table, persistent=False)
+        if cfg.type_vocab_size:
+            self.type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.d_model)
+        if cfg.embedding_norm:
+            self.embed_norm = build_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         # Post-norm blocks already end in a norm; a final one would normalise twice.
@@ -86,7 +90,9 @@ class Transformer(nn.Module):
             self.norm = build_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
         else:
             self.norm = nn.Identity()
-        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        if cfg.lm_head_transform:
+            self.lm_head_transform = LMHeadTransform(cfg.mlp, cfg.norm, cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=cfg.lm_head_bias)
         if cfg.tied_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
 
@@ -124,6 +130,7 @@ class Transformer(nn.Module):
         kv_cache: Optional[KVCache] = None,
         attention_mask: Optional[Tensor] = None,
         hidden: bool = False,
+        token_type_ids: Optional[Tensor] = None,
     ) -> Tensor:
         """idx (B, T) int64 token ids at positions start_pos .. start_pos + T - 1.
 
@@ -133,6 +140,7 @@ class Transformer(nn.Module):
         attention_mask: (B, T) bool, True at real tokens; padding is never attended to.
         hidden=True returns the final hidden states (B, T, d_model) instead, for task heads
         (through forward, so FSDP's hooks on the root run).
+        token_type_ids: (B, T) int64 segment ids below type_vocab_size; None = type 0 everywhere.
         """
         seq_len = idx.shape[1]
         if start_pos + seq_len > self.cfg.max_seq_len:
@@ -144,13 +152,25 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(idx)  # (B, T, d_model)
         if self.cfg.embedding_scale:
             x = x * math.sqrt(self.cfg.d_model)
+        if self.cfg.type_vocab_size:
+            x = x + (self.type_embeddings.weight[0] if token_type_ids is None else self.type_embeddings(token_type_ids))
+        elif token_type_ids is not None:
+            raise ValueError("token_type_ids were given, but the model has no token-type embedding (model.type_vocab_size=0)")
         x, rope = self._add_positions(x, start_pos)
+        if self.cfg.embedding_norm:
+            x = self.embed_norm(x)
         x = self.embed_dropout(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, None if kv_cache is None else kv_cache[i], start_pos, attention_mask)
         if hidden:
             return self.norm(x)
-        return self.lm_head(self.norm(x)).float()
+        return self.compute_logits(self.norm(x))
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """Final hidden states (B, T, d_model), after `norm` -> logits (B, T, padded_vocab_size) float32."""
+        if self.cfg.lm_head_transform:
+            hidden = self.lm_head_transform(hidden)
+        return self.lm_head(hidden).float()
 
     def _add_positions(
         self, x: Tensor, start_pos: int
@@ -179,7 +199,7 @@ class Transformer(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         padding_rows = self.cfg.padded_vocab_size - self.cfg.vocab_size
         vocab_matrices = 1 if self.cfg.tied_embeddings else 2
-        return total - vocab_matrices * padding_rows * self.cfg.d_model
+        return total - vocab_matrices * padding_rows * self.cfg.d_model - (padding_rows if self.cfg.lm_head_bias else 0)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs (forward + backward) per token: 6 N + 12 L H Q T.
@@ -192,6 +212,7 @@ class Transformer(nn.Module):
         n_matmul = self.num_parameters()
         if cfg.positional is Positional.learned:
             n_matmul -= cfg.max_seq_len * cfg.d_model
+        n_matmul -= cfg.type_vocab_size * cfg.d_model  # a lookup too
         if not cfg.tied_embeddings:
             n_matmul -= cfg.vocab_size * cfg.d_model
         attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len

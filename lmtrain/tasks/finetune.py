@@ -29,8 +29,14 @@ class _HeadTask(TaskModule):
         self.task_cfg = task_cfg
         self.head = LinearHead(self.model_cfg.d_model, n_outputs, dropout=task_cfg.head_dropout,
                                init_std=self.model_cfg.init_std)
+        # The lm head is unused by a head task (DDP would wait for its gradient); tied, only its weight is
+        # the embedding's. BERT's masked-LM transform and output bias are unused too.
         if not self.model_cfg.tied_embeddings:
-            self.model.lm_head.requires_grad_(False)  # unused by a head task; DDP would wait for its gradient
+            self.model.lm_head.requires_grad_(False)
+        if self.model.lm_head.bias is not None:
+            self.model.lm_head.bias.requires_grad_(False)
+        if self.model_cfg.lm_head_transform:
+            self.model.lm_head_transform.requires_grad_(False)
         if task_cfg.freeze_backbone:
             self.model.requires_grad_(False)
 

@@ -159,3 +159,58 @@ def test_init_from_hf_refuses_data_of_another_tokenizer(hf_gpt2, prepared, tmp_p
     load_hf_backbone.cache_clear()
     with pytest.raises(ValueError, match=r"prepared with another tokenizer .* tokenizer=pretrained tokenizer.path="):
         train_in_process([*prepared, *TINY_TRAIN, f"init_from=hf:{other}", "trainer.max_steps=1"], tmp_path / "runs" / "x")
+
+
+@pytest.fixture(scope="module")
+def hf_bert(tmp_path_factory) -> Path:
+    """A tiny random BertForMaskedLM saved as on the hub, with a WordPiece tokenizer.json of BERT's layout."""
+    from lmtrain_testing import write_bert_tokenizer
+
+    from lmtrain.data.tokenizers import load_tokenizer
+
+    directory = tmp_path_factory.mktemp("hf-bert") / "tiny-bert"
+    vocab = load_tokenizer(write_bert_tokenizer(directory)).vocab_size
+    config = transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(config).save_pretrained(directory)
+    return directory
+
+
+def test_init_from_hf_bert_fine_tunes_a_classifier(hf_bert, tmp_path, capsys):
+    """BERT's tokenizer is the run's: the classifier reads [CLS] text, padded with [PAD], through the
+    imported encoder (its masked-LM head loaded, frozen, unused)."""
+    train, val = write_classification_data(tmp_path / "data", n_train=64, n_val=16)
+    run = train_in_process([*example_overrides(train, val), *TINY_TRAIN, "task=classify", "data.text_column=sentence",
+                            f"init_from=hf:{hf_bert}", "trainer.max_steps=3", "trainer.val_every_steps=100"],
+                           tmp_path / "runs" / "bert-cls")
+    said = capsys.readouterr().out
+    assert "(bert)" in said and "mlp=gelu_exact type_vocab_size=2 masked-LM head=True" in said
+    # lmtrain's 34 tensors of BertForMaskedLM's 42 (query, key, value fused into qkv), plus the tied lm_head
+    assert "initialised 35 tensors" in said and "padding uses eos" not in said
+    assert (run / "checkpoints" / "last.ckpt").exists()
+
+
+def test_init_from_hf_bert_continues_masked_lm_then_exports_back(hf_bert, tmp_path, cli, capsys):
+    from lmtrain_testing import data_overrides, write_corpus
+
+    corpus = write_corpus(tmp_path / "text")
+    same_tokenizer = [*data_overrides(corpus, tmp_path / "cache"), "tokenizer=pretrained", f"tokenizer.path={hf_bert}"]
+    assert cli(["prepare", *same_tokenizer]).returncode == 0
+    run = train_in_process([*same_tokenizer, *TINY_TRAIN, "task=masked_lm", f"init_from=hf:{hf_bert}",
+                            "trainer.max_steps=2", "trainer.val_every_steps=100"], tmp_path / "runs" / "mlm")
+    assert "model derived from" in capsys.readouterr().out
+    ckpt = run / "checkpoints" / "last.ckpt"
+    proc = cli(["export", f"ckpt={ckpt}", "format=hf", f"out={tmp_path / 'back'}"])
+    assert proc.returncode == 0 and max_diff_line(proc.stdout) <= 1e-5, proc.stderr[-2000:]
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "back").eval()
+    assert type(hf).__name__ == "BertForMaskedLM"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    text = f"the cat sees {tokenizer.mask_token} red ball ."
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    from lmtrain.inference import load_model
+
+    ours, _ = load_model(ckpt, device="cpu")
+    with torch.no_grad():
+        diff = (hf(ids).logits - ours(ids)[..., : ours.cfg.vocab_size]).abs().max().item()
+    assert diff <= 1e-5, diff

@@ -150,3 +150,34 @@ def test_byte_file_edited_by_hand_is_not_mistaken_for_the_byte_tokenizer(tmp_pat
     path.write_text(json.dumps(content))
     loaded = load_tokenizer(path)
     assert isinstance(loaded, HFTokenizer) and loaded.encode("AB") == [66, 65]
+
+
+def test_a_bert_tokenizer_plays_lmtrain_roles_and_other_tokenizers_keep_theirs(tmp_path, bpe):
+    """BERT's WordPiece specials take lmtrain's roles ([CLS] bos, [SEP] sep and eos, [PAD], [MASK],
+    [UNK]), so encoder tasks build `[CLS] text [SEP]` as BERT was trained; the mapping survives
+    pickling (datasets' workers) and saving, and lmtrain's own tokenizers are untouched."""
+    from lmtrain_testing import write_bert_tokenizer
+
+    from lmtrain.data.examples import Specials
+    from lmtrain.data.tokenizers import special_id
+
+    bert = load_tokenizer(write_bert_tokenizer(tmp_path / "bert"))
+    assert (bert.eos_token, bert.eos_id, bert.unk_token) == ("[SEP]", 3, "[UNK]")
+    assert bert.special_token_ids() == {"[SEP]": 3, "<|pad|>": 0, "<|bos|>": 2, "<|mask|>": 4, "<|sep|>": 3, "<|unk|>": 1}
+    assert Specials.of(bert, "classify") == Specials(bos=2, sep=3, eos=3, pad=0)
+    assert special_id(bert, "<|mask|>", "task=masked_lm") == 4
+    assert bert.decode(bert.encode("The cat sees a zebra.")) == "the cat sees a [UNK]."
+    again = pickle.loads(pickle.dumps(bert))
+    assert (again.eos_token, again.special_token_ids(), again.unk_token) == ("[SEP]", bert.special_token_ids(), "[UNK]")
+    bert.save(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
+    assert {k: saved[k] for k in ("eos_token", "cls_token", "sep_token", "pad_token", "mask_token", "unk_token")} == {
+        "eos_token": "[SEP]", "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "mask_token": "[MASK]",
+        "unk_token": "[UNK]"}
+    assert load_tokenizer(tmp_path / "saved").special_token_ids() == bert.special_token_ids()
+    # a tokenizer with lmtrain's own names keeps them, and the byte tokenizer is as it was
+    assert set(bpe.special_token_ids()) == {"<|endoftext|>", *EXTRA_SPECIAL_TOKENS}
+    assert ByteTokenizer().special_token_ids()["<|bos|>"] == 258 and ByteTokenizer().special_token_text("<|bos|>") == "<|bos|>"
+    # an eos a user names explicitly is still required to exist
+    with pytest.raises(ValueError, match=r"tokenizer.eos_token='</s>' is not in the vocabulary"):
+        load_tokenizer(tmp_path / "bert", eos_token="</s>")

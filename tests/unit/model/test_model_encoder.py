@@ -21,10 +21,47 @@ def test_bert_base_parameter_count():
         from lmtrain.model import Transformer
 
         bert = Transformer(load_preset("bert_base"))
-    # BertModel's 109,482,240 less its pooler (590,592), token-type table (1,536) and embedding
-    # LayerNorm (1,536): lmtrain's encoder has none of the three.
-    assert bert.num_parameters() == 109_482_240 - 590_592 - 1_536 - 1_536
+    # Exactly BertForMaskedLM's (transformers' count, tied decoder once): BertModel's 109,482,240
+    # without its pooler (590,592), which BertForMaskedLM has not either, plus the masked-LM head:
+    # transform dense (590,592) and LayerNorm (1,536), decoder bias (30,522; lmtrain's padding
+    # entries of it not counted).
+    assert bert.num_parameters() == 109_482_240 - 590_592 + 590_592 + 1_536 + 30_522 == 109_514_298
     assert not bert.cfg.causal and not bert.cfg.pre_norm
+
+
+def test_bert_options_off_add_no_tensor_and_on_change_the_output():
+    plain = model(causal=False, positional="learned", norm="layernorm", mlp="gelu", bias=True)
+    assert not any(k.startswith(("type_", "embed_norm", "lm_head_transform")) or k == "lm_head.bias"
+                   for k in plain.state_dict())
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(4))
+    bert = model(causal=False, positional="learned", norm="layernorm", mlp="gelu_exact", bias=True, embedding_norm=True,
+                 type_vocab_size=2, lm_head_transform=True, lm_head_bias=True)
+    assert {"type_embeddings.weight", "embed_norm.weight", "lm_head_transform.dense.weight", "lm_head.bias"} <= set(
+        bert.state_dict())
+    with torch.no_grad():
+        zeros = bert(ids, token_type_ids=torch.zeros_like(ids))
+        assert torch.equal(bert(ids), zeros)  # no token_type_ids = type 0 everywhere
+        assert not torch.allclose(bert(ids, token_type_ids=torch.ones_like(ids)), zeros)
+        # task heads read the hidden states before the masked-LM transform
+        assert torch.equal(bert.compute_logits(bert(ids, hidden=True)), zeros)
+    with pytest.raises(ValueError, match="type_vocab_size=0"):
+        plain(ids, token_type_ids=torch.zeros_like(ids))
+
+
+def test_gelu_exact_is_the_erf_form():
+    from lmtrain.model.config import MLPKind
+    from lmtrain.model.layers import activation
+
+    x = torch.linspace(-4, 4, 101)
+    assert torch.allclose(activation(MLPKind.gelu_exact, x), 0.5 * x * (1 + torch.erf(x / 2**0.5)), atol=1e-6, rtol=0)
+    assert (activation(MLPKind.gelu, x) - activation(MLPKind.gelu_exact, x)).abs().max() > 1e-4
+
+
+def test_bert_option_errors_say_what_to_do():
+    with pytest.raises(ValueError, match="lm_head_transform=true .* mlp=swiglu"):
+        ModelConfig(mlp="swiglu", lm_head_transform=True)
+    with pytest.raises(ValueError, match="type_vocab_size=-1"):
+        ModelConfig(type_vocab_size=-1)
 
 
 def test_encoder_sees_both_ways_decoder_only_back():
