@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
@@ -144,8 +145,9 @@ def score_continuations(model: Transformer, pairs: Iterable[tuple[list[int], lis
 
 def evaluate(model: Transformer, tokenizer: Tokenizer, tasks: list[str], *, include_path: str | None = None,
              limit: float | None = None, num_fewshot: int | None = None, batch_size: int = 16,
-             max_gen_toks: int = 256, seed: int = 1234) -> dict[str, Any]:
-    """lm-eval's simple_evaluate on the model; returns its results dict ("results", "configs", ...)."""
+             max_gen_toks: int = 256, seed: int = 1234) -> Optional[dict[str, Any]]:
+    """lm-eval's simple_evaluate on the model; returns its results dict ("results", "configs", ...),
+    or None on a process whose LOCAL_RANK is not 0 (lm-eval keeps results on local rank 0)."""
     import lm_eval
 
     manager = check_tasks(tasks, include_path)
@@ -154,9 +156,7 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, tasks: list[str], *, incl
                                       task_manager=manager, log_samples=False, bootstrap_iters=0,
                                       random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                       fewshot_random_seed=seed)
-    if results is None:
-        raise RuntimeError("lm-eval returned no results")
-    return results
+    return results  # None where LOCAL_RANK != 0: lm-eval hands results to local rank 0 only
 
 
 def check_tasks(tasks: list[str], include_path: str | None = None):
@@ -218,6 +218,9 @@ def run(cfg: HarnessConfig) -> dict[str, float]:
     results = evaluate(trained.model, trained.tokenizer, list(cfg.tasks), include_path=cfg.include_path, limit=cfg.limit,
                        num_fewshot=cfg.num_fewshot, batch_size=cfg.batch_size, max_gen_toks=cfg.max_gen_toks,
                        seed=cfg.seed)
+    if results is None:
+        raise RuntimeError(f"lm-eval returned no results (LOCAL_RANK={os.environ.get('LOCAL_RANK')}); run lmtrain "
+                           "harness as one process")
     print(make_table(results), flush=True)
     ckpt = Path(cfg.ckpt).resolve()
     out = Path(cfg.out) if cfg.out else ckpt.parent.parent / "harness" / f"{ckpt.stem}.json"

@@ -191,7 +191,7 @@ def logit_lens(model: Transformer, residual: list[Tensor], top_k: int = LENS_TOP
     vocab = model.cfg.vocab_size
     ids, probs = [], []
     for stream in residual:
-        logits = model.lm_head(model.norm(stream[:1])).float()[0, :, :vocab]  # (T, V)
+        logits = model.compute_logits(model.norm(stream[:1])).float()[0, :, :vocab]  # (T, V)
         top = logits.softmax(-1).topk(min(top_k, vocab), dim=-1)
         ids.append(top.indices)
         probs.append(top.values)

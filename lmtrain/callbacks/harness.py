@@ -49,7 +49,7 @@ class HarnessEveryN(L.Callback):
                                        batch_size=self.cfg.batch_size, max_gen_toks=self.cfg.max_gen_toks, seed=self.seed)
             finally:
                 pl_module.train(was_training)
-            flat = scores(results)
+            flat = None if results is None else scores(results)  # None off local rank 0 (lm-eval's choice)
         if not everyone:
             trainer.strategy.barrier("lmtrain_harness")
         if not trainer.is_global_zero or flat is None:

@@ -186,3 +186,19 @@ def test_harness_scores_join_the_runs_own_wandb_run(prepared, tmp_path):
                              capture_output=True, text=True, check=True).stdout.splitlines()
     rows = [json.loads(line)["history"]["item"] for line in records if '"history"' in line]
     assert [(row["harness/lmtrain_mc/acc"], row["harness/checkpoint_step"]) for row in rows] == [(acc, 4)]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_harness_during_training_on_two_ranks(prepared, tmp_path, strategy):
+    """DDP scores on rank 0 while rank 1 waits at a barrier; FSDP (sharded) scores on both ranks in
+    lockstep. Either way the run goes on, and rank 0 logs the scores once per scoring step."""
+    from lmtrain_testing import run_cli
+    from lmtrain.loggers import read_metrics
+
+    tasks = write_tasks(tmp_path / "tasks", n=8)
+    run_cli(["train", *prepared, *TINY_TRAIN, "trainer.max_steps=4", "trainer.accelerator=cpu", "trainer.devices=2",
+             "trainer.micro_batch_size=2", f"strategy={strategy}", "harness.tasks=[lmtrain_mc,lmtrain_gen]",
+             "harness.every_steps=2", f"harness.include_path={tasks}", "run_name=two"], cwd=tmp_path)
+    rows = [row for row in read_metrics(tmp_path / "runs" / "two" / "metrics.jsonl") if "harness/lmtrain_mc/acc" in row]
+    assert [row["step"] for row in rows] == [2, 4] and all("harness/lmtrain_gen/exact_match" in row for row in rows)
