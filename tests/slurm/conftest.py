@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,7 @@ class SlurmCluster:
     nodes: tuple[str, ...] = ("n1", "n2")
     partition: str = "debug"
     _scripts: int = field(default=0, repr=False)
+    _pending_since: dict = field(default_factory=dict, repr=False)
 
     def run(self, *args: str, check: bool = True, timeout: float = STALL_S) -> subprocess.CompletedProcess:
         proc = subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=timeout)
@@ -94,9 +96,17 @@ class SlurmCluster:
 
     def release_requeued(self, job_id: str) -> None:
         """A requeued job waits ~120 s (BeginTime) once PENDING again; let it start now. The update
-        takes only while the job is PENDING (not during REQUEUED/COMPLETING), so call this while polling."""
+        takes only while the job is PENDING (not during REQUEUED/COMPLETING), so call this while polling.
+
+        Not in the second its previous run's credential was revoked: slurmd compares credential times
+        in whole seconds, and a restart within that second is killed ("Job credential revoked", seen
+        here once). So the release waits until the job has been seen PENDING in an earlier second."""
         info = self.job(job_id)
-        if info.get("JobState") == "PENDING" and int(info.get("Restarts", "0")) > 0:
+        if info.get("JobState") != "PENDING" or int(info.get("Restarts", "0")) == 0:
+            return
+        key = (job_id, info.get("Restarts"))
+        first_seen = self._pending_since.setdefault(key, int(time.time()))
+        if int(time.time()) > first_seen + 1:
             self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
 
 
