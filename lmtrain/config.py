@@ -108,20 +108,33 @@ class TrainerConfig:
 
 
 @dataclass
-class HarnessTrainConfig:
-    """lm-evaluation-harness tasks scored during training (causal LMs): logged as harness/<task>/<metric>."""
+class HarnessTasks:
+    """Which lm-evaluation-harness tasks to score and how (shared by `lmtrain harness` and harness.*)."""
 
     tasks: List[str] = field(default_factory=list)
-    """lm-eval task names, e.g. [arc_easy,hellaswag], or tasks of include_path."""
-    every_steps: int = 0
-    """Score every N optimizer steps; 0 = never."""
+    """lm-eval task names, e.g. [arc_easy,hellaswag] (fetched from the hub when online), or tasks of include_path."""
     include_path: Optional[str] = None
-    """A directory of lm-eval task YAMLs (local tasks)."""
+    """A directory of lm-eval task YAMLs (local tasks, local data)."""
     limit: Optional[float] = None
     """At most this many examples per task (a fraction below 1); None = all."""
     num_fewshot: Optional[int] = None
     batch_size: int = 16
     max_gen_toks: int = 256
+    """generate_until tasks: new tokens at most (also bounded by the model's context)."""
+
+    def check(self, prefix: str = "") -> None:
+        if self.limit is not None and self.limit <= 0:
+            raise ValueError(f"{prefix}limit={self.limit} must be positive (a count, or a fraction below 1), or null for all")
+        if self.batch_size < 1:
+            raise ValueError(f"{prefix}batch_size={self.batch_size} must be >= 1")
+
+
+@dataclass
+class HarnessTrainConfig(HarnessTasks):
+    """lm-eval tasks scored during training (causal LMs): logged as harness/<task>/<metric>."""
+
+    every_steps: int = 0
+    """Score every N optimizer steps; 0 = never."""
 
     def __post_init__(self) -> None:
         if self.every_steps < 0:
@@ -129,10 +142,7 @@ class HarnessTrainConfig:
         if self.every_steps > 0 and not self.tasks:
             raise ValueError(f"harness.every_steps={self.every_steps} but harness.tasks is empty; name lm-eval tasks, "
                              "e.g. harness.tasks=[arc_easy]")
-        if self.limit is not None and self.limit <= 0:
-            raise ValueError(f"harness.limit={self.limit} must be positive (a count, or a fraction below 1), or null")
-        if self.batch_size < 1:
-            raise ValueError(f"harness.batch_size={self.batch_size} must be >= 1")
+        self.check("harness.")
 
 
 @dataclass
@@ -253,19 +263,9 @@ class InspectConfig:
 
 
 @dataclass
-class HarnessConfig:
+class HarnessConfig(HarnessTasks):
     ckpt: str = "???"
     """Any causal-LM checkpoint: a file (single/DDP) or a ZeRO / FSDP directory."""
-    tasks: List[str] = field(default_factory=list)
-    """lm-eval task names, e.g. [hellaswag,arc_easy] (fetched from the hub when online) or tasks of include_path."""
-    include_path: Optional[str] = None
-    """A directory of lm-eval task YAMLs (local tasks, local data)."""
-    limit: Optional[float] = None
-    """At most this many examples per task (a fraction below 1); None = all."""
-    num_fewshot: Optional[int] = None
-    batch_size: int = 16
-    max_gen_toks: int = 256
-    """generate_until tasks: new tokens at most (also bounded by the model's context)."""
     seed: int = 1234
     out: Optional[str] = None
     """Results JSON; default runs/<run>/harness/<checkpoint name>.json."""
@@ -277,10 +277,7 @@ class HarnessConfig:
         if not self.tasks:
             raise ValueError("tasks is empty; name the lm-eval tasks to run, e.g. tasks=[arc_easy,hellaswag] "
                              "(or tasks of include_path=DIR)")
-        if self.limit is not None and self.limit <= 0:
-            raise ValueError(f"limit={self.limit} must be positive (a count, or a fraction below 1), or null for all")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        self.check()
 
 
 class ExportFormat(Enum):
@@ -295,7 +292,7 @@ class ExportConfig:
     """Any strategy's checkpoint: a file (single/DDP) or a directory (DeepSpeed ZeRO, FSDP)."""
     format: ExportFormat = ExportFormat.torch
     """torch or safetensors: lmtrain's own state dict in one file; hf: a Hugging Face model directory
-    (GPT-2- and Llama-shaped causal LMs) that transformers loads."""
+    (GPT-2- and Llama-shaped causal LMs, BERT-shaped masked LMs) that transformers loads."""
     dtype: str = "fp32"
     """fp32 or bf16."""
     out: Optional[str] = None

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from lmtrain.config import HarnessConfig
+from lmtrain.config import HarnessConfig, HarnessTasks
 from lmtrain.data.tokenizers import Tokenizer
 from lmtrain.model.transformer import Transformer
 
@@ -143,16 +143,15 @@ def score_continuations(model: Transformer, pairs: Iterable[tuple[list[int], lis
     return results  # type: ignore[return-value]
 
 
-def evaluate(model: Transformer, tokenizer: Tokenizer, tasks: list[str], *, include_path: str | None = None,
-             limit: float | None = None, num_fewshot: int | None = None, batch_size: int = 16,
-             max_gen_toks: int = 256, seed: int = 1234) -> Optional[dict[str, Any]]:
+def evaluate(model: Transformer, tokenizer: Tokenizer, cfg: HarnessTasks, *,
+             seed: int = 1234) -> Optional[dict[str, Any]]:
     """lm-eval's simple_evaluate on the model; returns its results dict ("results", "configs", ...),
     or None on a process whose LOCAL_RANK is not 0 (lm-eval keeps results on local rank 0)."""
     import lm_eval
 
-    manager = check_tasks(tasks, include_path)
-    lm = build_lm(model, tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks)
-    results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
+    manager = check_tasks(list(cfg.tasks), cfg.include_path)
+    lm = build_lm(model, tokenizer, batch_size=cfg.batch_size, max_gen_toks=cfg.max_gen_toks)
+    results = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), limit=cfg.limit, num_fewshot=cfg.num_fewshot,
                                       task_manager=manager, log_samples=False, bootstrap_iters=0,
                                       random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                       fewshot_random_seed=seed)
@@ -215,9 +214,7 @@ def run(cfg: HarnessConfig) -> dict[str, float]:
                          "language models (use lmtrain eval for this task's own metrics)")
     trained = load_trained(cfg.ckpt, cfg.device, run=run_record)
     step = run_record.step
-    results = evaluate(trained.model, trained.tokenizer, list(cfg.tasks), include_path=cfg.include_path, limit=cfg.limit,
-                       num_fewshot=cfg.num_fewshot, batch_size=cfg.batch_size, max_gen_toks=cfg.max_gen_toks,
-                       seed=cfg.seed)
+    results = evaluate(trained.model, trained.tokenizer, cfg, seed=cfg.seed)
     if results is None:
         raise RuntimeError(f"lm-eval returned no results (LOCAL_RANK={os.environ.get('LOCAL_RANK')}); run lmtrain "
                            "harness as one process")

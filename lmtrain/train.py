@@ -270,12 +270,7 @@ def build_trainer(cfg: TrainConfig, task: TaskModule, run_dir: Path, inputs: Run
         tokens_per_byte=inputs.tokens_per_byte, print_lines=not progress_bar,
     )
     accumulate = tcfg.accumulation()
-    views = build_inspect_callback(cfg, run_dir, inputs)
-    if cfg.harness.every_steps:
-        from lmtrain.callbacks.harness import HarnessEveryN
-
-        tokenizer = load_tokenizer(inputs.data_dir / TOKENIZER_FILE, eos_token=inputs.eos_token)
-        views.append(HarnessEveryN(cfg.harness, tokenizer, run_dir / "harness", seed=cfg.seed))
+    views = build_view_callbacks(cfg, run_dir, inputs)
     trainer = L.Trainer(
         accelerator=tcfg.accelerator, devices=tcfg.devices, num_nodes=tcfg.num_nodes, strategy=strategy,
         precision=precision, max_steps=tcfg.max_steps, max_epochs=-1, accumulate_grad_batches=accumulate,
@@ -290,16 +285,25 @@ def build_trainer(cfg: TrainConfig, task: TaskModule, run_dir: Path, inputs: Run
     return trainer, metrics
 
 
-def build_inspect_callback(cfg: TrainConfig, run_dir: Path, inputs: RunInputs) -> list:
-    """The inspect views every logger.inspect_every_steps (none when 0)."""
-    if cfg.logger.inspect_every_steps == 0:
+def build_view_callbacks(cfg: TrainConfig, run_dir: Path, inputs: RunInputs) -> list:
+    """The inspect views every logger.inspect_every_steps and the lm-eval scores every
+    harness.every_steps (none when both are 0)."""
+    if not (cfg.logger.inspect_every_steps or cfg.harness.every_steps):
         return []
-    from lmtrain.callbacks.inspect import InspectEveryN
-
     # causal_lm loads no tokenizer for training; every rank has the prepared data's.
     tokenizer = inputs.tokenizer or load_tokenizer(inputs.data_dir / TOKENIZER_FILE, eos_token=inputs.eos_token)
-    return [InspectEveryN(cfg.logger.inspect_every_steps, cfg.logger.inspect_text, run_dir / "inspect", tokenizer,
-                          cfg.task.kind, seq_len=cfg.trainer.seq_len, label_names=inputs.task_info.get("label_names"))]
+    callbacks = []
+    if cfg.logger.inspect_every_steps:
+        from lmtrain.callbacks.inspect import InspectEveryN
+
+        callbacks.append(InspectEveryN(cfg.logger.inspect_every_steps, cfg.logger.inspect_text, run_dir / "inspect",
+                                       tokenizer, cfg.task.kind, seq_len=cfg.trainer.seq_len,
+                                       label_names=inputs.task_info.get("label_names")))
+    if cfg.harness.every_steps:
+        from lmtrain.callbacks.harness import HarnessEveryN
+
+        callbacks.append(HarnessEveryN(cfg.harness, tokenizer, run_dir / "harness", seed=cfg.seed))
+    return callbacks
 
 
 def build_cluster_hooks(checkpoints: StepCheckpoint | None) -> tuple[list, list]:

@@ -44,9 +44,7 @@ class HarnessEveryN(L.Callback):
             pl_module.eval()
             try:
                 with eager_blocks(model), preserved_rng():  # lm-eval seeds the global RNGs
-                    results = evaluate(model, self.tokenizer, list(self.cfg.tasks), include_path=self.cfg.include_path,
-                                       limit=self.cfg.limit, num_fewshot=self.cfg.num_fewshot,
-                                       batch_size=self.cfg.batch_size, max_gen_toks=self.cfg.max_gen_toks, seed=self.seed)
+                    results = evaluate(model, self.tokenizer, self.cfg, seed=self.seed)
             finally:
                 pl_module.train(was_training)
             flat = None if results is None else scores(results)  # None off local rank 0 (lm-eval's choice)

@@ -101,7 +101,7 @@ def test_the_hf_export_scored_by_lm_evals_own_hf_backend_matches_the_native_one(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from lmtrain.config import ExportConfig, ExportFormat
+    from lmtrain.config import ExportConfig, ExportFormat, HarnessTasks
     from lmtrain.export import run as export
     from lmtrain.harness import evaluate, scores
     from lmtrain.inference import load_model, load_run_tokenizer
@@ -114,7 +114,7 @@ def test_the_hf_export_scored_by_lm_evals_own_hf_backend_matches_the_native_one(
                                      tasks=names, task_manager=TaskManager(include_path=str(tasks)), log_samples=False,
                                      bootstrap_iters=0)
     model, record = load_model(lm, "cpu")
-    native = evaluate(model, load_run_tokenizer(lm, record), names, include_path=str(tasks))
+    native = evaluate(model, load_run_tokenizer(lm, record), HarnessTasks(tasks=names, include_path=str(tasks)))
     hf_scores, native_scores = scores(via_hf), scores(native)
     assert hf_scores.keys() == native_scores.keys() and "harness/lmtrain_rolling/bits_per_byte" in hf_scores
     for key, value in native_scores.items():
