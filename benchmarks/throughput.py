@@ -53,8 +53,9 @@ from lmtrain.callbacks.checkpoint import StepCheckpoint
 from lmtrain.callbacks.step_metrics import StepMetrics
 from lmtrain.checkpoint import AtomicCheckpointIO
 from lmtrain.config import TrainerConfig
-from lmtrain.data.datamodule import LMDataModule
-from lmtrain.data.sampler import TrainWindowStream
+from lmtrain.data.datamodule import LMDataModule, LMSource
+from lmtrain.data.sampler import TrainWindowStream, WindowSampler
+from lmtrain.data.shards import TokenSpace
 from lmtrain.distributed.config import StrategyConfig
 from lmtrain.distributed.strategy import build_strategy
 from lmtrain.loggers import LoggerConfig, build_loggers
@@ -109,10 +110,8 @@ def write_token_files(directory: Path, n_train_tokens: int, n_val_tokens: int) -
 
 def train_stream_loader(data_dir: Path, n_train_tokens: int, case: BenchCase) -> DataLoader:
     """The loader `LMDataModule.train_dataloader` builds for one rank at the start of training."""
-    stream = TrainWindowStream(
-        data_dir / "train.bin", dtype="uint16", n_tokens=n_train_tokens, seq_len=case.seq_len,
-        micro_batch_size=case.micro_batch_size, rank=0, world_size=1, seed=SEED, start_sample=0,
-    )
+    sampler = WindowSampler(TokenSpace.single(data_dir / "train.bin", n_train_tokens, "uint16"), case.seq_len, SEED)
+    stream = TrainWindowStream(sampler, micro_batch_size=case.micro_batch_size, rank=0, world_size=1, start_sample=0)
     return DataLoader(stream, batch_size=None, num_workers=0, pin_memory=torch.cuda.is_available())
 
 
@@ -224,9 +223,11 @@ def bench_case(name: str, case: BenchCase, args: argparse.Namespace, data_dir: P
     check_same_init(task.model, plain.model)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     timer = SegmentTimer(plain, warmup_steps=args.warmup_steps, steps=args.steps, repeats=args.repeats, synchronize=sync)
+    source = LMSource("bench", data_dir, TokenSpace.single(data_dir / "train.bin", n_train_tokens, "uint16"),
+                      TokenSpace.single(data_dir / "val.bin", args.val_tokens, "uint16"))
     datamodule = LMDataModule(
-        data_dir, dtype="uint16", n_train_tokens=n_train_tokens, n_val_tokens=args.val_tokens, seq_len=case.seq_len,
-        micro_batch_size=case.micro_batch_size, global_batch_size=case.micro_batch_size, seed=SEED, val_batches=1,
+        [source], seq_len=case.seq_len, micro_batch_size=case.micro_batch_size, global_batch_size=case.micro_batch_size,
+        seed=SEED, val_batches=1,
     )
     with tempfile.TemporaryDirectory(prefix=f"lmtrain-bench-{name}-") as run_dir:
         trainer = build_trainer(case, task, tcfg, Path(run_dir), timer)

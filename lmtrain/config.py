@@ -18,7 +18,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from lmtrain.data.config import DataConfig, TokenizerConfig
+from lmtrain.data.config import DataConfig, PrepareExecutionConfig, TokenizerConfig
 from lmtrain.distributed.config import StrategyConfig
 from lmtrain.loggers import LoggerConfig
 from lmtrain.model.config import ModelConfig
@@ -39,6 +39,9 @@ class TrainerConfig:
     global_batch_size: Optional[int] = None
     """Sequences per optimizer step over all ranks; None = micro_batch_size x world size. Gradient
     accumulation is derived from it, so changing the number of GPUs keeps the optimization the same."""
+    global_batch_tokens: Optional[int] = None
+    """The global batch in tokens instead (e.g. 524288 = 2**19, GPT-3/Llama style): global_batch_size is
+    derived as global_batch_tokens / seq_len, which must divide it. Set one of the two, not both."""
     accelerator: str = "auto"
     """auto (a GPU when there is one), cpu or gpu."""
     devices: int = 1
@@ -48,7 +51,8 @@ class TrainerConfig:
     """auto = bf16-mixed on a GPU that has bf16, 32-true elsewhere; or any Lightning precision string."""
     val_every_steps: int = 200
     val_batches: int = 8
-    """Micro batches per rank in the fixed validation subset."""
+    """The fixed validation subset: the first val_batches x global batch size windows of the val split
+    (of each source, for a mixture), the same on any number of ranks and any micro batch size."""
     ckpt_every_steps: int = 500
     keep_last_checkpoints: int = 3
     checkpoint: bool = True
@@ -81,6 +85,18 @@ class TrainerConfig:
             raise ValueError(f"trainer.peak_flops_per_device={self.peak_flops_per_device} must be > 0 (or null)")
         if self.global_batch_size is not None and self.global_batch_size <= 0:
             raise ValueError(f"trainer.global_batch_size={self.global_batch_size} must be > 0 (or null)")
+        if self.global_batch_tokens is not None:
+            if self.global_batch_size is not None:
+                raise ValueError(
+                    f"trainer.global_batch_tokens={self.global_batch_tokens} and trainer.global_batch_size="
+                    f"{self.global_batch_size} are both set; set one (the other is derived), e.g. "
+                    "trainer.global_batch_size=null")
+            if self.global_batch_tokens <= 0 or self.global_batch_tokens % self.seq_len:
+                lower = max(1, self.global_batch_tokens // self.seq_len) * self.seq_len
+                raise ValueError(
+                    f"trainer.global_batch_tokens={self.global_batch_tokens} is not a positive multiple of "
+                    f"trainer.seq_len={self.seq_len}: a step reads whole sequences. Use {lower} or "
+                    f"{lower + self.seq_len} (= {lower // self.seq_len} or {lower // self.seq_len + 1} sequences)")
         if self.precision not in PRECISIONS:
             raise ValueError(f"trainer.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.accelerator not in ("auto", "cpu", "gpu", "cuda"):
@@ -93,14 +109,21 @@ class TrainerConfig:
         return self.devices * self.num_nodes
 
     def resolved_global_batch_size(self) -> int:
+        if self.global_batch_tokens is not None:
+            return self.global_batch_tokens // self.seq_len
         return self.global_batch_size or self.micro_batch_size * self.world_size
+
+    def _batch_origin(self) -> str:
+        if self.global_batch_tokens is None:
+            return ""
+        return f" (trainer.global_batch_tokens={self.global_batch_tokens} / seq_len {self.seq_len})"
 
     def accumulation(self) -> int:
         per_pass = self.micro_batch_size * self.world_size
         g = self.resolved_global_batch_size()
         if g % per_pass:
             raise ValueError(
-                f"trainer.global_batch_size={g} is not a multiple of trainer.micro_batch_size={self.micro_batch_size} "
+                f"trainer.global_batch_size={g}{self._batch_origin()} is not a multiple of trainer.micro_batch_size={self.micro_batch_size} "
                 f"x world size {self.world_size} (devices={self.devices} x num_nodes={self.num_nodes}) = {per_pass}; "
                 f"choose a global batch of k x {per_pass}"
             )
@@ -190,6 +213,8 @@ class PrepareConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     force: bool = False
     """Rebuild even when a complete prepared copy exists."""
+    prepare: PrepareExecutionConfig = field(default_factory=PrepareExecutionConfig)
+    """Where the work runs: prepare.executor=single (one process) or local / slurm (datatrove tasks)."""
 
 
 @dataclass

@@ -42,7 +42,7 @@ def evaluate_causal_lm(cfg: EvalConfig) -> dict[str, float]:
         raise ValueError(f"{data_dir} was prepared with another tokenizer than checkpoint {cfg.ckpt} was trained with")
     seq_len = run_record.trainer.seq_len
     micro = cfg.micro_batch_size or run_record.trainer.micro_batch_size
-    windows = val_windows(data_dir, meta, seq_len, cfg.val_batches, micro)
+    windows = val_windows(prepared.val, seq_len, cfg.val_batches, micro)
     n_windows = len(windows)
     loader = torch.utils.data.DataLoader(windows, batch_size=micro)
     device = next(model.parameters()).device

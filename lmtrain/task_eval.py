@@ -69,11 +69,12 @@ def evaluate_masked_lm(loaded: TrainedModel, val_batches: int | None, size: int)
     from lmtrain.data.sampler import val_windows
 
     data_dir = loaded.run.data_dir
-    windows = val_windows(data_dir, load_prepared(data_dir).meta, loaded.run.trainer.seq_len, val_batches, size)
+    windows = val_windows(load_prepared(data_dir).val, loaded.run.trainer.seq_len, val_batches, size)
     loss_sum, correct, count = 0.0, 0, 0
     for i, batch in enumerate(torch.utils.data.DataLoader(windows, batch_size=size)):
-        scores = loaded.module.masked_scores(batch[:, :-1].to(loaded.device), i)
-        loss_sum, correct, count = loss_sum + scores[0].item(), correct + int(scores[1]), count + int(scores[2])
+        indices = torch.arange(i * size, i * size + len(batch))
+        scores = loaded.module.masked_scores(batch[:, :-1].to(loaded.device), indices)
+        loss_sum, correct, count = loss_sum + scores[0].sum().item(), correct + int(scores[1].sum()), count + int(scores[2].sum())
     return {"val/loss": loss_sum / max(1, count), "val/masked_acc": correct / max(1, count), "val/masked_tokens": float(count)}
 
 

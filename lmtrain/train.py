@@ -34,6 +34,7 @@ from lmtrain.checkpoint.faults import set_run_name
 from lmtrain.checkpoint.io import remove_stale_temp_files
 from lmtrain.checkpoint.owner import RunDirOwner
 from lmtrain.config import TrainConfig, TrainerConfig
+from lmtrain.data.shards import TokenSpace
 from lmtrain.data.tokenizers import TOKENIZER_FILE, load_tokenizer
 from lmtrain.distributed.parallelize import apply_activation_checkpointing, apply_compile
 from lmtrain.distributed.preemption import requeue_signal
@@ -76,9 +77,11 @@ def peak_flops(trainer: TrainerConfig) -> float | None:
     return None
 
 
-def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+def unigram_entropy(tokens: TokenSpace, vocab_size: int) -> float:
     """Entropy (nats/token) of the token distribution: the loss of the best context-free model."""
-    counts = np.bincount(np.asarray(tokens), minlength=vocab_size).astype(np.float64)
+    counts = np.zeros(vocab_size, dtype=np.float64)
+    for chunk in tokens.chunks():
+        counts += np.bincount(chunk, minlength=vocab_size)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 
@@ -343,11 +346,16 @@ def summarize(cfg: TrainConfig, task: TaskModule, metrics: StepMetrics, inputs: 
     print(f"\ntrained to step {step} in {seconds:.0f} s; run dir {run_dir}")
     if val and cfg.task.kind is TaskKind.causal_lm:
         last = val[-1]
-        entropy = unigram_entropy(inputs.prepared.val, inputs.model_cfg.padded_vocab_size)
-        print(
-            f"val loss {last['val/loss']:.4f} nats/token (ppl {last['val/ppl']:.2f}, {last['val/bpb']:.3f} bits/byte) "
-            f"vs unigram entropy of the val tokens {entropy:.4f} nats/token"
-        )
+        sources = [f"{k.removeprefix('val/').removesuffix('/loss')} {v:.4f}" for k, v in last.items()
+                   if k.startswith("val/") and k.endswith("/loss") and k != "val/loss"]
+        if sources:  # a mixture: no single byte count or token distribution to compare with
+            print(f"val loss {last['val/loss']:.4f} nats/token (mixture-weighted; {', '.join(sources)})")
+        else:
+            entropy = unigram_entropy(inputs.prepared.val, inputs.model_cfg.padded_vocab_size)
+            print(
+                f"val loss {last['val/loss']:.4f} nats/token (ppl {last['val/ppl']:.2f}, {last['val/bpb']:.3f} "
+                f"bits/byte) vs unigram entropy of the val tokens {entropy:.4f} nats/token"
+            )
     elif val:
         print("val " + " | ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in val[-1].items() if k.startswith("val/")))
     if cfg.task.kind is not TaskKind.causal_lm or not (run_dir / "checkpoints" / "last.ckpt").exists():

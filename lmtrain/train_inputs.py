@@ -15,8 +15,7 @@ from lmtrain import __version__
 from lmtrain.checkpoint import CheckpointError, expected_shapes, load_weights, shape_mismatches
 from lmtrain.config import TrainConfig
 from lmtrain.data.config import TokenizerKind
-from lmtrain.data.datamodule import LMDataModule, TaskDataModule
-from lmtrain.data.sampler import count_windows
+from lmtrain.data.datamodule import LMDataModule, LMSource, TaskDataModule
 from lmtrain.data.prepare import DatasetMeta, PreparedData, load_prepared, prepared_dir
 from lmtrain.data.tokenizers import TOKENIZER_FILE, ByteTokenizer, Tokenizer, load_tokenizer, special_id
 from lmtrain.distributed.config import StrategyKind
@@ -89,28 +88,77 @@ def check_step_size(global_batch: int, n_items: int, noun: str, source: str) -> 
 
 def pretraining_inputs(cfg: TrainConfig) -> RunInputs:
     tcfg = cfg.trainer
-    data_dir = prepared_dir(cfg.data, cfg.tokenizer)
-    prepared = load_prepared(data_dir)
+    sources = lm_sources(cfg)
+    data_dir, prepared = sources[0].directory, load_prepared(sources[0].directory)
     meta = prepared.meta
     if spec := hf_spec(cfg.init_from):
         model_cfg = hf_pretraining_model(spec, meta, data_dir, tcfg.seq_len)
     else:
         model_cfg = resolve_model_config(cfg.model, meta.vocab_size, str(data_dir))
-    check_token_ids(prepared.train, prepared.val, meta, model_cfg.vocab_size, data_dir)
+    for source in sources:
+        source_meta = load_prepared(source.directory).meta
+        check_token_ids(source.train, source.val, source_meta, model_cfg.vocab_size, source.directory)
     datamodule = LMDataModule(
-        data_dir, dtype=meta.dtype, n_train_tokens=meta.n_train_tokens, n_val_tokens=meta.n_val_tokens,
-        seq_len=tcfg.seq_len, micro_batch_size=tcfg.micro_batch_size, global_batch_size=tcfg.resolved_global_batch_size(),
-        seed=cfg.seed, val_batches=tcfg.val_batches, num_workers=tcfg.num_workers,
+        sources, seq_len=tcfg.seq_len, micro_batch_size=tcfg.micro_batch_size,
+        global_batch_size=tcfg.resolved_global_batch_size(), seed=cfg.seed, val_batches=tcfg.val_batches,
+        num_workers=tcfg.num_workers, mixture=bool(cfg.data.sources),
     )
-    check_step_size(tcfg.resolved_global_batch_size(), count_windows(meta.n_train_tokens, tcfg.seq_len),
-                    f"windows of {tcfg.seq_len} tokens", str(data_dir))
+    n_windows = sum(source.train_windows(tcfg.seq_len) for source in sources)
+    check_step_size(tcfg.resolved_global_batch_size(), n_windows, f"windows of {tcfg.seq_len} tokens",
+                    str(data_dir) if len(sources) == 1 else "the mixture")
+    if datamodule.mixture:
+        check_mixture_epochs(datamodule, tcfg.max_steps * tcfg.resolved_global_batch_size())
     tokenizer = None
     if cfg.task.kind is TaskKind.masked_lm:
         tokenizer = load_tokenizer(data_dir / TOKENIZER_FILE, eos_token=meta.eos_token)
     causal = cfg.task.kind is TaskKind.causal_lm
+    n_train = sum(len(source.train) for source in sources)
+    what = f"data {data_dir.name}" if len(sources) == 1 else f"mixture of {len(sources)} sources"
     return RunInputs(model_cfg, tokenizer, meta.tokenizer_hash, meta.eos_token, datamodule,
-                     f"data {data_dir.name}: {meta.n_train_tokens:,} train tokens", data_dir=data_dir, prepared=prepared,
-                     tokens_per_byte=meta.n_val_tokens / max(1, meta.val_bytes) if causal else None)
+                     f"{what}: {n_train:,} train tokens", data_dir=data_dir, prepared=prepared,
+                     tokens_per_byte=meta.n_val_tokens / max(1, meta.val_bytes) if causal and len(sources) == 1 else None)
+
+
+def lm_sources(cfg: TrainConfig) -> list[LMSource]:
+    """The prepared dataset of data.* and tokenizer.*, or each source of a mixture (data.sources),
+    which must all have been tokenized alike."""
+    if not cfg.data.sources:
+        if cfg.data.name == "mixture":
+            raise ValueError("data=mixture but data.sources is empty; set data.sources='[{name: web, prepared: "
+                             "/path/to/prepared, weight: 0.7}, ...]' (each a directory made by lmtrain prepare)")
+        directory = prepared_dir(cfg.data, cfg.tokenizer)
+        prepared = load_prepared(directory)
+        return [LMSource(cfg.data.name, directory, prepared.train, prepared.val)]
+    sources, first = [], None
+    for i, source in enumerate(cfg.data.sources):
+        directory = Path(source.prepared).expanduser()
+        prepared = load_prepared(directory)
+        if first is None:
+            first = (source.name, directory, prepared.meta)
+        elif prepared.meta.tokenizer_hash != first[2].tokenizer_hash:
+            raise ValueError(
+                f"data.sources[{i}] {source.name} ({directory}) was tokenized with another tokenizer "
+                f"({prepared.meta.tokenizer_kind}, sha256 {prepared.meta.tokenizer_hash[:12]}) than data.sources[0] "
+                f"{first[0]} ({first[1]}: {first[2].tokenizer_kind}, sha256 {first[2].tokenizer_hash[:12]}): the same "
+                "id would mean different tokens. Prepare every source with one tokenizer (tokenizer=pretrained "
+                f"tokenizer.path={first[1]})")
+        sources.append(LMSource(source.name, directory, prepared.train, prepared.val, weight=source.weight,
+                                max_tokens=source.max_tokens, max_epochs=source.max_epochs))
+    return sources
+
+
+def check_mixture_epochs(datamodule: LMDataModule, n_samples: int) -> None:
+    """Say how often each source is read over the run; refuse one over its max_epochs."""
+    epochs = datamodule.sampler().epochs(n_samples)
+    for source, n in zip(datamodule.sources, epochs):
+        if source.max_epochs is not None and n > source.max_epochs:
+            raise ValueError(
+                f"data.sources {source.name}: trainer.max_steps reads it {n:.2f} times over (weight {source.weight} "
+                f"of {sum(s.weight for s in datamodule.sources)}, {source.train_windows(datamodule.seq_len):,} windows), "
+                f"more than its max_epochs={source.max_epochs}; lower its weight or trainer.max_steps, or raise "
+                "max_epochs")
+    shares = datamodule.val_weights()
+    say("mixture: " + ", ".join(f"{s.name} {shares[s.name]:.1%} ({n:.2f} epochs)" for s, n in zip(datamodule.sources, epochs)))
 
 
 def hf_pretraining_model(spec: str, meta: DatasetMeta, data_dir: Path, seq_len: int) -> ModelConfig:

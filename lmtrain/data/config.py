@@ -8,6 +8,8 @@ override has been applied, and rejects a bad value with the field's full name.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import List, Optional, Type, TypeVar
@@ -58,6 +60,37 @@ def coerce_enum(enum_cls: Type[EnumT], value: object, field_name: str) -> EnumT:
     except KeyError:
         choices = ", ".join(member.name for member in enum_cls)
         raise ValueError(f"{field_name}={value!r} is not a valid choice; use one of: {choices}") from None
+
+
+@dataclass
+class MixtureSource:
+    """One prepared dataset of a training mixture (data.sources)."""
+
+    name: str = "???"
+    """Short name: metrics report it as val/<name>/loss."""
+
+    prepared: str = "???"
+    """A directory made by `lmtrain prepare` (printed at its end)."""
+
+    weight: float = 1.0
+    """Share of the training samples (weights are normalized over the sources)."""
+
+    max_tokens: Optional[int] = None
+    """Use only the first N train tokens of this source (null: all)."""
+
+    max_epochs: Optional[float] = None
+    """Refuse a run whose trainer.max_steps would read this source more than N times over (null: no cap)."""
+
+    def check(self, where: str) -> None:
+        if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"{where}.name={self.name!r} must be a short name of letters, digits, '_' or '-' "
+                             "(it names the metric val/<name>/loss)")
+        if not self.weight > 0 or math.isinf(self.weight):
+            raise ValueError(f"{where}.weight={self.weight} must be a positive number (weights are normalized)")
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise ValueError(f"{where}.max_tokens={self.max_tokens} must be at least 2 (or null for all)")
+        if self.max_epochs is not None and not self.max_epochs > 0:
+            raise ValueError(f"{where}.max_epochs={self.max_epochs} must be > 0 (or null for no cap)")
 
 
 @dataclass
@@ -151,10 +184,23 @@ class DataConfig:
     cache_dir: str = "~/.cache/lmtrain/data"
     """Directory that holds prepared datasets."""
     prepared: Optional[str] = None
-    """A directory made by `lmtrain prepare` (train.bin, val.bin, meta.json), used as it is: for data
-    prepared on another machine, where the source paths or Python version differ."""
+    """A directory made by `lmtrain prepare` (meta.json with train/val token files or shards), used as
+    it is: for data prepared on another machine, where the source paths or Python version differ."""
+
+    sources: List[MixtureSource] = field(default_factory=list)
+    """Train on a weighted mixture of prepared datasets instead (`data=mixture`), e.g.
+    data.sources='[{name: web, prepared: /data/web-1a2b, weight: 0.7}, {name: code, prepared: /data/code-3c4d, weight: 0.3}]'.
+    Every source must use the same tokenizer. Validation reports each source's loss and their weighted mean."""
 
     def __post_init__(self) -> None:
+        names = [source.name for source in self.sources]
+        for i, source in enumerate(self.sources):
+            source.check(f"data.sources[{i}]")
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.sources names {names} repeat a name; give each source its own")
+        if self.sources and self.prepared:
+            raise ValueError(f"data.prepared={self.prepared!r} and data.sources are both set; a mixture names the "
+                             "prepared directory of each source: clear data.prepared")
         self.source = coerce_enum(SourceKind, self.source, "data.source")
         self.text_unit = coerce_enum(TextUnit, self.text_unit, "data.text_unit")
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -252,3 +298,70 @@ class TokenizerConfig:
             )
         if not self.eos_token:
             raise ValueError("tokenizer.eos_token is empty; set it, e.g. tokenizer.eos_token='<|endoftext|>'")
+
+
+class PrepareExecutor(Enum):
+    """How `lmtrain prepare` runs: one process, or datatrove tasks (one shard per input file)."""
+
+    single = "single"
+    local = "local"
+    slurm = "slurm"
+
+
+_SLURM_MEMORY = re.compile(r"^[1-9][0-9]*[KMGT]?$")
+
+
+@dataclass
+class PrepareExecutionConfig:
+    """`prepare.*`: where the work of `lmtrain prepare` runs. local and slurm run datatrove tasks that write one
+    train shard and one val shard per input file (lmtrain.data.sharded_prepare); the number of tasks and the
+    executor do not change a byte of the result, single's layout and split differ (see that module)."""
+
+    executor: PrepareExecutor = PrepareExecutor.single
+    """single (one process, train.bin/val.bin), local (datatrove tasks on this machine) or slurm (a job array)."""
+
+    tasks: int = 1
+    """local, slurm: datatrove tasks; task r takes input files r, r+tasks, r+2*tasks, ... (more tasks than files idle)."""
+
+    workers: Optional[int] = None
+    """local: tasks run at once (null = min(tasks, CPU cores)); slurm: array tasks run at once (null = no limit)."""
+
+    logging_dir: Optional[str] = None
+    """datatrove's logs, stats and completion markers; null = logs/ inside the dataset's work dir (kept with the
+    dataset). A task with a completion marker there is not run again."""
+
+    slurm_partition: Optional[str] = None
+    """slurm: the partition of the job array (required)."""
+
+    slurm_time: str = "04:00:00"
+    """slurm: time limit of each array task (sbatch --time)."""
+
+    slurm_cpus_per_task: int = 1
+    """slurm: CPUs of each array task (a task tokenizes on one core; more gives it more memory)."""
+
+    slurm_mem_per_cpu: str = "2G"
+    """slurm: sbatch --mem-per-cpu, e.g. 2G or 500M."""
+
+    slurm_qos: Optional[str] = None
+    """slurm: sbatch --qos; null = the cluster's default."""
+
+    slurm_wait: bool = True
+    """slurm: wait for the array and finish the dataset; false = submit and return (run the same command again
+    after the array ends to finish it)."""
+
+    def __post_init__(self) -> None:
+        self.executor = coerce_enum(PrepareExecutor, self.executor, "prepare.executor")
+        if self.tasks < 1:
+            raise ValueError(f"prepare.tasks={self.tasks} must be at least 1 (the number of datatrove tasks)")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"prepare.workers={self.workers} must be at least 1, or null")
+        if self.executor == PrepareExecutor.slurm and not self.slurm_partition:
+            raise ValueError(f"prepare.slurm_partition={self.slurm_partition!r} but prepare.executor=slurm needs a "
+                             "partition; set prepare.slurm_partition=<name> (sinfo lists them)")
+        if not self.slurm_time:
+            raise ValueError("prepare.slurm_time is empty; set a time limit, e.g. prepare.slurm_time=04:00:00")
+        if self.slurm_cpus_per_task < 1:
+            raise ValueError(f"prepare.slurm_cpus_per_task={self.slurm_cpus_per_task} must be at least 1")
+        if not _SLURM_MEMORY.match(self.slurm_mem_per_cpu):
+            raise ValueError(f"prepare.slurm_mem_per_cpu={self.slurm_mem_per_cpu!r} is not a SLURM memory size; "
+                             "use e.g. 2G or 500M")

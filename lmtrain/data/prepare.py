@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, NamedTuple, Op
 import numpy as np
 
 from lmtrain.data.config import DataConfig, TokenizerConfig, TokenizerKind
+from lmtrain.data.shards import Shard, TokenSpace, check_shard
 
 if TYPE_CHECKING:  # training only reads prepared files: `datasets` is imported where prepare needs it
     import datasets
@@ -82,12 +83,24 @@ class DatasetMeta:
     max_token_id: int  # largest id written in either file
     created: str  # ISO 8601, UTC
     source: str
+    shards: Optional[Dict[str, List[dict]]] = None
+    """None: train.bin and val.bin; else each split's shard files (`lmtrain.data.shards`)."""
+    inputs: Optional[Dict[str, object]] = None
+    """A sharded prepare: what it read and how (which inputs went into which shard is in `shards`)."""
 
 
 class PreparedData(NamedTuple):
     meta: DatasetMeta
-    train: np.memmap  # (n_train_tokens,) of meta.dtype, read-only
-    val: np.memmap  # (n_val_tokens,)
+    train: TokenSpace  # n_train_tokens of meta.dtype, read-only
+    val: TokenSpace
+
+
+def token_space(directory: Path, meta: DatasetMeta, split: str) -> TokenSpace:
+    """One split ("train" or "val") of a prepared dataset as one token sequence."""
+    if meta.shards is None:
+        n_tokens = meta.n_train_tokens if split == "train" else meta.n_val_tokens
+        return TokenSpace.single(directory / f"{split}.bin", n_tokens, meta.dtype)
+    return TokenSpace([Shard(directory / entry["file"], entry["n_tokens"]) for entry in meta.shards[split]], meta.dtype)
 
 
 def compute_token_dtype(vocab_size: int) -> str:
@@ -169,8 +182,17 @@ def check_prepared(directory: Path, expected_fingerprint: Optional[str] = None) 
         return f"format_version is {meta.format_version}, this lmtrain writes {FORMAT_VERSION}"
     if expected_fingerprint is not None and meta.fingerprint != expected_fingerprint:
         return f"its fingerprint {meta.fingerprint[:12]} is not the expected {expected_fingerprint[:12]}"
+    if meta.shards is not None:
+        for split, n_tokens in (("train", meta.n_train_tokens), ("val", meta.n_val_tokens)):
+            entries = meta.shards.get(split, [])
+            if sum(entry["n_tokens"] for entry in entries) != n_tokens:
+                return f"the {split} shards listed in meta.json do not add up to its n_{split}_tokens={n_tokens}"
+            for entry in entries:
+                if problem := check_shard(directory, entry, meta.dtype):
+                    return problem
     itemsize = np.dtype(meta.dtype).itemsize
-    for filename, n_tokens in ((TRAIN_FILE, meta.n_train_tokens), (VAL_FILE, meta.n_val_tokens)):
+    single_files = () if meta.shards is not None else ((TRAIN_FILE, meta.n_train_tokens), (VAL_FILE, meta.n_val_tokens))
+    for filename, n_tokens in single_files:
         path = directory / filename
         if not path.is_file():
             return f"{filename} is missing"
@@ -212,9 +234,7 @@ def load_prepared(directory: str | Path) -> PreparedData:
             "removes and rebuilds it"
         )
     meta = load_meta(directory)
-    train = np.memmap(directory / TRAIN_FILE, dtype=meta.dtype, mode="r", shape=(meta.n_train_tokens,))
-    val = np.memmap(directory / VAL_FILE, dtype=meta.dtype, mode="r", shape=(meta.n_val_tokens,))
-    return PreparedData(meta, train, val)
+    return PreparedData(meta, token_space(directory, meta, "train"), token_space(directory, meta, "val"))
 
 
 def prepare_dataset(

@@ -14,20 +14,20 @@ changed world size at the same global batch therefore consumes the same samples 
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from lmtrain.data.shards import TokenSpace
 
 
 def count_windows(n_tokens: int, seq_len: int) -> int:
     return max(0, (n_tokens - 1) // seq_len)
 
 
-def read_window(tokens: np.ndarray, window: int, seq_len: int) -> np.ndarray:
-    start = window * seq_len
-    return tokens[start : start + seq_len + 1]
+def read_window(tokens: TokenSpace, window: int, seq_len: int) -> np.ndarray:
+    return tokens.read(window * seq_len, seq_len + 1)
 
 
 class WindowOrder:
@@ -53,35 +53,34 @@ class WindowOrder:
         return int(self.permutation(epoch)[i])
 
 
+class WindowSampler:
+    """Global sample index -> window tokens of one token space: window perm_epoch[g % n]."""
+
+    def __init__(self, tokens: TokenSpace, seq_len: int, seed: int) -> None:
+        self.tokens, self.seq_len = tokens, seq_len
+        self.order = WindowOrder(count_windows(len(tokens), seq_len), seed)
+
+    def sample(self, global_index: int) -> np.ndarray:
+        return read_window(self.tokens, self.order.window(global_index), self.seq_len)
+
+
 class TrainWindowStream(IterableDataset):
     """Endless micro batches (micro_batch_size, seq_len + 1) int64 for one data-parallel rank.
 
+    `sampler.sample(g)` gives the tokens of global sample g (a `WindowSampler`, or a mixture's).
     With DataLoader workers, worker w produces micro batches w, w + W, ...; the DataLoader
     interleaves workers round-robin, so the order is the same for any number of workers.
     """
 
-    def __init__(
-        self,
-        path: Path,
-        *,
-        dtype: str,
-        n_tokens: int,
-        seq_len: int,
-        micro_batch_size: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        start_sample: int,
-    ) -> None:
+    def __init__(self, sampler, *, micro_batch_size: int, rank: int, world_size: int, start_sample: int) -> None:
         chunk = micro_batch_size * world_size
         if start_sample % chunk:
             raise ValueError(
                 f"data position {start_sample} is not a multiple of micro_batch_size x world_size = {chunk}; "
                 "resume needs a global batch that the new micro batch and world size divide"
             )
-        self.path, self.dtype, self.n_tokens = Path(path), dtype, n_tokens
-        self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
-        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.sampler = sampler
+        self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
         self.start_chunk = start_sample // chunk
 
     def micro_batch_indices(self, chunk_index: int) -> range:
@@ -92,30 +91,44 @@ class TrainWindowStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        # Opened in the worker: a memmap does not survive pickling into worker processes cheaply.
-        tokens = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
-        order = WindowOrder(count_windows(self.n_tokens, self.seq_len), self.seed)
         for chunk_index in itertools.count(self.start_chunk + worker, n_workers):
-            rows = [read_window(tokens, order.window(g), self.seq_len) for g in self.micro_batch_indices(chunk_index)]
+            rows = [self.sampler.sample(g) for g in self.micro_batch_indices(chunk_index)]
             yield torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T + 1)
 
 
 class ValWindows(Dataset):
-    """A fixed validation subset: the first `n_windows` windows of the val split, in order,
-    dealt round-robin to ranks so every rank evaluates the same number."""
+    """The first `n_windows` windows of a val token space, in order, on one process (`lmtrain eval`)."""
 
-    def __init__(self, path: Path, *, dtype: str, n_tokens: int, seq_len: int, n_windows: int, rank: int, world_size: int):
-        self.path, self.dtype, self.n_tokens, self.seq_len = Path(path), dtype, n_tokens, seq_len
-        self.windows = list(range(rank, n_windows, world_size))
-        self._tokens: np.ndarray | None = None
+    def __init__(self, tokens: TokenSpace, *, seq_len: int, n_windows: int):
+        self.tokens, self.seq_len, self.n_windows = tokens, seq_len, n_windows
 
     def __len__(self) -> int:
-        return len(self.windows)
+        return self.n_windows
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        if self._tokens is None:
-            self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
-        return torch.from_numpy(read_window(self._tokens, self.windows[i], self.seq_len).astype(np.int64))
+        return torch.from_numpy(read_window(self.tokens, i, self.seq_len).astype(np.int64))
+
+
+class ValSubset(Dataset):
+    """One rank's share of the validation subset during training: items {"ids": (T + 1,), "source": s,
+    "index": i}. The subset is the first n_s windows of each source's val split, the same for every
+    number of ranks; item i of the list goes to rank i % W, and shorter shares are topped up with
+    filler items (source -1, index -1) that are scored as nothing, so every rank runs as many batches."""
+
+    def __init__(self, sources: list[TokenSpace], n_windows: list[int], *, seq_len: int, rank: int, world_size: int):
+        self.sources, self.seq_len = sources, seq_len
+        items = [(s, w) for s, n in enumerate(n_windows) for w in range(n)]
+        per_rank = -(-len(items) // world_size)
+        self.items = [(i, *items[i]) if i < len(items) else (-1, 0, 0)
+                      for i in (rank + k * world_size for k in range(per_rank))]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int) -> dict:
+        index, source, window = self.items[k]
+        ids = torch.from_numpy(read_window(self.sources[source], window, self.seq_len).astype(np.int64))
+        return {"ids": ids, "source": source if index >= 0 else -1, "index": index}
 
 
 class ExampleStream(IterableDataset):
@@ -157,9 +170,8 @@ def val_shard(items: list[dict], rank: int, world_size: int) -> list[dict]:
     return shard
 
 
-def val_windows(data_dir: Path, meta, seq_len: int, val_batches: int | None, micro: int) -> ValWindows:
+def val_windows(tokens: TokenSpace, seq_len: int, val_batches: int | None, micro: int) -> ValWindows:
     """The first val_batches x micro windows of a prepared val split (all when None), on one process."""
-    available = count_windows(meta.n_val_tokens, seq_len)
+    available = count_windows(len(tokens), seq_len)
     n_windows = available if val_batches is None else min(available, val_batches * micro)
-    return ValWindows(data_dir / "val.bin", dtype=meta.dtype, n_tokens=meta.n_val_tokens, seq_len=seq_len,
-                      n_windows=n_windows, rank=0, world_size=1)
+    return ValWindows(tokens, seq_len=seq_len, n_windows=n_windows)

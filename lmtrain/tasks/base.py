@@ -67,6 +67,29 @@ class TaskModule(L.LightningModule):
         self._step_on_device = torch.zeros((), dtype=torch.int64, device=self.device)
         self._tokens = zeros(torch.float64)
 
+    # -- LM validation, per source of the data (causal_lm, masked_lm) ---------------------------
+    def start_source_val(self) -> None:
+        n_sources = len(self.trainer.datamodule.sources)
+        self._val_by_source = torch.zeros((2, n_sources), dtype=torch.float64, device=self.device)  # loss sum, count
+
+    def add_source_val(self, source: torch.Tensor, loss_sums: torch.Tensor, counts: torch.Tensor) -> None:
+        """Per row of a val batch: its source (-1: a filler row, scored as nothing), loss sum and count."""
+        keep = source >= 0
+        self._val_by_source[0].index_add_(0, source[keep], loss_sums[keep].double())
+        self._val_by_source[1].index_add_(0, source[keep], counts[keep].double())
+
+    def source_val_losses(self) -> dict[str, float]:
+        """val/loss over every rank; for a mixture also val/<source>/loss, and val/loss is their mean
+        weighted by the mixture weights."""
+        totals = self.trainer.strategy.reduce(self._val_by_source.clone(), reduce_op="sum")
+        losses = (totals[0] / totals[1].clamp(min=1)).tolist()
+        weights = self.trainer.datamodule.val_weights()
+        if not weights:
+            return {"val/loss": losses[0]}
+        result = {f"val/{name}/loss": loss for name, loss in zip(weights, losses)}
+        result["val/loss"] = sum(weight * loss for weight, loss in zip(weights.values(), losses))
+        return result
+
     def on_train_start(self) -> None:
         # A resumed run continues the logging window the checkpoint was in: the first train/loss it
         # logs averages the same micro batches as the uninterrupted run's (restored here, after

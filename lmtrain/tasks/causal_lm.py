@@ -27,15 +27,14 @@ class CausalLMTask(TaskModule):
         return self.compute_loss(batch)
 
     def on_validation_epoch_start(self) -> None:
-        self._val_loss_sum.zero_()
-        self._val_tokens.zero_()
+        self.start_source_val()
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        self._val_loss_sum += self.compute_loss(batch, reduction="sum").double()
-        self._val_tokens += float(batch[:, 1:].numel())
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        ids = batch["ids"]
+        logits = self.model(ids[:, :-1])
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+        self.add_source_val(batch["source"], losses.view(len(ids), -1).sum(1), torch.full_like(losses[: len(ids)], ids.shape[1] - 1))
 
     def on_validation_epoch_end(self) -> None:
-        loss_sum = self.trainer.strategy.reduce(self._val_loss_sum.clone(), reduce_op="sum")
-        tokens = self.trainer.strategy.reduce(self._val_tokens.clone(), reduce_op="sum")
-        loss = (loss_sum / tokens.clamp(min=1)).item()
-        self.last_val = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+        self.last_val = self.source_val_losses()
+        self.last_val["val/ppl"] = math.exp(min(self.last_val["val/loss"], 50.0))

@@ -99,29 +99,30 @@ class MaskedLMTask(TaskModule):
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
 
     def on_validation_epoch_start(self) -> None:
-        self._val_loss_sum.zero_()
-        self._val_tokens.zero_()
+        self.start_source_val()
         self._val_correct = torch.zeros((), dtype=torch.float64, device=self.device)
 
-    def masked_scores(self, ids: Tensor, batch_idx: int, rank: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-        """(loss sum, correct, predicted tokens) over fixed masks of ids (B, T): the masks depend only
-        on (seed, batch, rank), so every validation and `lmtrain eval` score the same positions."""
-        generator = torch.Generator(device=ids.device).manual_seed(self.seed * 7919 + batch_idx * 104_729 + rank)
-        inputs, labels = self.masked(ids, generator)
+    def masked_scores(self, ids: Tensor, windows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per row of ids (B, T): (loss sum, correct, predicted tokens) over fixed masks. Row i's mask
+        depends only on (seed, windows[i]), its window's index in the validation subset, so every
+        validation, on any number of ranks, and `lmtrain eval` score the same positions."""
+        masked = [self.masked(row[None], torch.Generator(device=ids.device).manual_seed(self.seed * 7919 + int(w) * 104_729))
+                  for row, w in zip(ids, windows.tolist())]
+        inputs, labels = torch.cat([m[0] for m in masked]), torch.cat([m[1] for m in masked])
         logits = self.model(inputs)
         picked = labels != IGNORE
-        loss_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
-        return loss_sum.double(), ((logits.argmax(-1) == labels) & picked).sum(), picked.sum()
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="none")
+        correct = ((logits.argmax(-1) == labels) & picked).sum(1)
+        return losses.view(len(ids), -1).sum(1).double(), correct, picked.sum(1)
 
-    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        loss_sum, correct, count = self.masked_scores(batch[:, :-1], batch_idx, self.global_rank)
-        self._val_loss_sum += loss_sum
-        self._val_tokens += count
-        self._val_correct += correct
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss_sums, correct, counts = self.masked_scores(batch["ids"][:, :-1], batch["index"])
+        self.add_source_val(batch["source"], loss_sums, counts)
+        self._val_correct += correct[batch["source"] >= 0].sum()
 
     def on_validation_epoch_end(self) -> None:
-        reduce = lambda t: self.trainer.strategy.reduce(t.clone(), reduce_op="sum")  # noqa: E731
-        loss_sum, tokens, correct = reduce(self._val_loss_sum), reduce(self._val_tokens), reduce(self._val_correct)
-        loss = (loss_sum / tokens.clamp(min=1)).item()
-        self.last_val = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)),
-                         "val/masked_acc": (correct / tokens.clamp(min=1)).item()}
+        self.last_val = self.source_val_losses()
+        counts = self.trainer.strategy.reduce(self._val_by_source[1].sum().clone(), reduce_op="sum")
+        correct = self.trainer.strategy.reduce(self._val_correct.clone(), reduce_op="sum")
+        self.last_val["val/ppl"] = math.exp(min(self.last_val["val/loss"], 50.0))
+        self.last_val["val/masked_acc"] = (correct / counts.clamp(min=1)).item()

@@ -61,6 +61,19 @@ def test_two_ranks_of_b_equal_one_rank_of_2b(runs):
     assert sorted(p.name for p in runs["two"].iterdir()) == [".hydra", "checkpoints", "config.yaml", "metrics.jsonl", "owner.lock", "tokenizer"]
 
 
+def test_val_loss_is_the_same_on_any_number_of_ranks_and_micro_batch(runs):
+    """The validation subset is the first val_batches x global batch windows, whoever reads them."""
+    from lmtrain.loggers import read_metrics
+
+    def val(run_dir):
+        return {row["step"]: row["val/loss"] for row in read_metrics(run_dir / "metrics.jsonl") if "val/loss" in row}
+
+    one, two, accum = val(runs["one"]), val(runs["two"]), val(runs["accum"])
+    assert sorted(one) == sorted(two) == sorted(accum) == [6, 12]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5) and accum[step] == pytest.approx(one[step], rel=1e-5)
+
+
 def test_gradient_accumulation_equals_the_larger_batch(runs):
     """1 rank x micro 2 x 2 accumulation == 1 rank x micro 4 == 2 ranks x micro 2 (global batch 4)."""
     one, accum = losses_by_step(runs["one"]), losses_by_step(runs["accum"])

@@ -62,6 +62,7 @@ def test_every_document_is_packed_once_in_order_with_eos(tmp_path, tokenizer_cfg
     corpus = docs[:10] + ["", "   \n\t"] + docs[10:]  # blank documents are dropped
     out = prepare_dataset(_data(tmp_path, _jsonl(tmp_path, corpus)), tokenizer_cfg, log=lambda _: None)
     meta, train, val = load_prepared(out)
+    train, val = np.asarray(train), np.asarray(val)
     tok = load_tokenizer(out)
     assert tok.fingerprint() == meta.tokenizer_hash and tok.eos_id == meta.eos_id
 
@@ -177,6 +178,7 @@ def test_large_pretrained_vocab_is_written_as_uint32(tmp_path):
     docs = [f"w{i} w{69_999 - i} w{i * 7}" for i in range(20)]
     tok_cfg = TokenizerConfig(kind=TokenizerKind.pretrained, path=str(tmp_path / "tokenizer.json"), eos_token="</s>")
     meta, train, val = load_prepared(prepare_dataset(_data(tmp_path, _jsonl(tmp_path, docs)), tok_cfg, log=lambda _: None))
+    train, val = np.asarray(train), np.asarray(val)
     assert meta.dtype == "uint32" and train.dtype == np.uint32 and meta.vocab_size == 70_002
     everything = np.concatenate([train, val])
     assert 70_001 in everything  # w69999, beyond uint16

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmtrain.data.sampler import TrainWindowStream, ValWindows, WindowOrder, count_windows
+from lmtrain.data.sampler import TrainWindowStream, ValSubset, WindowOrder, WindowSampler, count_windows
+from lmtrain.data.shards import TokenSpace
 
 SEQ = 8
 
@@ -23,8 +24,8 @@ def token_file(tmp_path):
 
 
 def stream(path, n, *, rank=0, world=1, micro=2, start=0, seed=7):
-    return TrainWindowStream(path, dtype="uint16", n_tokens=n, seq_len=SEQ, micro_batch_size=micro, rank=rank,
-                             world_size=world, seed=seed, start_sample=start)
+    sampler = WindowSampler(TokenSpace.single(path, n, "uint16"), SEQ, seed)
+    return TrainWindowStream(sampler, micro_batch_size=micro, rank=rank, world_size=world, start_sample=start)
 
 
 def first_tokens(batches):
@@ -87,9 +88,16 @@ def test_misaligned_resume_position_is_refused(token_file):
         stream(path, n, world=2, micro=2, start=6)
 
 
-def test_val_windows_are_fixed_and_dealt_to_ranks(token_file):
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_val_subset_is_the_same_for_any_number_of_ranks(token_file, world):
+    """The first windows of each source, dealt round-robin; ranks short of items get fillers
+    (source -1) so all run as many batches, and together they score exactly the subset."""
     path, n = token_file
-    ranks = [ValWindows(path, dtype="uint16", n_tokens=n, seq_len=SEQ, n_windows=10, rank=r, world_size=2) for r in range(2)]
-    got = sorted(int(ds[i][0]) // SEQ for ds in ranks for i in range(len(ds)))
-    assert got == list(range(10)) and len(ranks[0]) == len(ranks[1]) == 5
+    spaces = [TokenSpace.single(path, n, "uint16")] * 2
+    ranks = [ValSubset(spaces, [5, 3], seq_len=SEQ, rank=r, world_size=world) for r in range(world)]
+    assert len({len(ds) for ds in ranks}) == 1
+    items = [ds[i] for ds in ranks for i in range(len(ds))]
+    scored = sorted((item["source"], int(item["ids"][0]) // SEQ, item["index"]) for item in items if item["source"] >= 0)
+    assert scored == [(0, w, w) for w in range(5)] + [(1, w, 5 + w) for w in range(3)]
+    assert sum(item["source"] < 0 for item in items) == len(ranks[0]) * world - 8
     assert count_windows(SEQ, SEQ) == 0 and count_windows(SEQ + 1, SEQ) == 1

@@ -160,6 +160,7 @@ def _documents(tokens, eos_id):
 def test_val_paths_are_the_val_split_whole_and_train_is_data_paths(tmp_path):
     out = prepare_dataset(_text_data(tmp_path), WORD_CFG, log=lambda _: None)
     meta, train, val = load_prepared(out)
+    train, val = np.asarray(train), np.asarray(val)
     tok = load_tokenizer(out)
     nonblank_train = [line for line in TRAIN_LINES if line.strip()]
     nonblank_val = [line for line in VAL_LINES if line.strip()]
@@ -173,6 +174,7 @@ def test_val_paths_are_the_val_split_whole_and_train_is_data_paths(tmp_path):
 def test_keep_empty_documents_gives_one_eos_per_line(tmp_path):
     out = prepare_dataset(_text_data(tmp_path, keep_empty_documents=True), WORD_CFG, log=lambda _: None)
     meta, train, val = load_prepared(out)
+    train, val = np.asarray(train), np.asarray(val)
     tok = load_tokenizer(out)
     # pytorch/examples word_language_model: line.split() + ['<eos>'] for every line, blank ones too.
     assert meta.n_train_tokens == sum(len(line.split()) + 1 for line in TRAIN_LINES)
