@@ -86,10 +86,11 @@ class Capture:
 
     def _keeper_args(self, index: int) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
-            # SelfAttention(x, rope, kv_cache, start_pos, key_mask), called positionally by Block.
+            # SelfAttention(x, rope, kv_cache, start_pos, key_mask, documents), called positionally by Block.
             rope = args[1] if len(args) > 1 else None
             key_mask = args[4] if len(args) > 4 else None
-            self._attn_inputs[index] = (rope, key_mask)
+            documents = args[5] if len(args) > 5 else None
+            self._attn_inputs[index] = (rope, key_mask, documents)
 
         return hook
 
@@ -98,15 +99,15 @@ class Capture:
         if any(qkv is None for qkv in self._qkv):
             raise RuntimeError("no forward ran inside Capture, so there is no attention to report")
         maps = []
-        for block, qkv, (rope, key_mask) in zip(self.blocks, self._qkv, self._attn_inputs):
+        for block, qkv, (rope, key_mask, documents) in zip(self.blocks, self._qkv, self._attn_inputs):
             q, k, _ = block.attn.split_heads(qkv, rope)
-            maps.append(block.attn.attention_probs(q, k, key_mask))
+            maps.append(block.attn.attention_probs(q, k, key_mask, documents))
         return maps
 
     def values(self, layer: int) -> Tensor:
         """Layer `layer`'s v heads (B, H_kv, T, D) of the last forward (tests rebuild the attention output from them)."""
         block = self.blocks[layer]
-        rope, _ = self._attn_inputs[layer]
+        rope = self._attn_inputs[layer][0]
         return block.attn.split_heads(self._qkv[layer], rope)[2]
 
 

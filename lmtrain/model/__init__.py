@@ -4,7 +4,7 @@ Imports torch and the standard library only; Lightning, Hydra and DeepSpeed stay
 """
 
 from lmtrain.model.attention import KVCache, LayerKVCache
-from lmtrain.model.config import MLPKind, ModelConfig, Norm, Positional
+from lmtrain.model.config import Attention, DocumentKernel, MLPKind, ModelConfig, Norm, Positional
 from lmtrain.model.transformer import Block, Transformer
 
 
@@ -16,7 +16,9 @@ def build_model(cfg: ModelConfig) -> Transformer:
 
 
 __all__ = [
+    "Attention",
     "Block",
+    "DocumentKernel",
     "KVCache",
     "LayerKVCache",
     "MLPKind",

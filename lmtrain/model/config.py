@@ -21,6 +21,17 @@ class Norm(Enum):
     layernorm = "layernorm"
 
 
+class Attention(Enum):
+    causal = "causal"
+    document = "document"
+
+
+class DocumentKernel(Enum):
+    auto = "auto"
+    flex = "flex"
+    sdpa = "sdpa"
+
+
 class MLPKind(Enum):
     swiglu = "swiglu"
     gelu = "gelu"
@@ -97,6 +108,27 @@ class ModelConfig:
     """true: a decoder (each position attends to itself and earlier ones; generates text).
     false: a bidirectional encoder (BERT-style; masked-LM pretraining, classification, QA)."""
 
+    attention: Attention = Attention.causal
+    """Which earlier tokens of the window a decoder's token reads: causal (all of them) or document (only
+    those of its own document; a packed window holds documents back to back, each ending with eos_id, and
+    the eos is its document's last token). document needs causal=true and eos_id."""
+
+    document_positions: bool = True
+    """With attention=document: positions (learned, sinusoidal or rotary) restart at 0 at each document's
+    first token, so a document's logits are those it gets alone at the start of a window, wherever packing
+    put it. Ignored with attention=causal."""
+
+    document_kernel: DocumentKernel = DocumentKernel.auto
+    """With attention=document, how the mask is applied (same result): flex (FlexAttention with a block mask;
+    it skips blocks no query may read), sdpa (scaled_dot_product_attention with a (B, 1, T, S) boolean mask)
+    or auto (flex on CUDA, else sdpa). sdpa is used whatever this says with a KV cache or a padding mask, and
+    by auto while attention dropout is active. flex has no attention dropout (so flex needs dropout=0) and,
+    in torch 2.13, no backward on CPU."""
+
+    eos_id: Optional[int] = None
+    """The token id that ends a document. Not set by hand: training fills it from the prepared data
+    (`ModelConfig.with_eos`); a forward with attention=document refuses to run without it."""
+
     embedding_norm: bool = False
     """A norm (of kind `norm`) on the summed token, position and token-type embeddings, before the
     embedding dropout, as BERT has."""
@@ -122,8 +154,11 @@ class ModelConfig:
         self.positional = _to_enum(Positional, self.positional, "positional")
         self.norm = _to_enum(Norm, self.norm, "norm")
         self.mlp = _to_enum(MLPKind, self.mlp, "mlp")
+        self.attention = _to_enum(Attention, self.attention, "attention")
+        self.document_kernel = _to_enum(DocumentKernel, self.document_kernel, "document_kernel")
         self._check_sizes()
         self._check_divisibility()
+        self._check_documents()
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout={self.dropout} is outside [0, 1): use e.g. 0.0 (off) or 0.1")
         if self.type_vocab_size < 0:
@@ -160,6 +195,26 @@ class ModelConfig:
                 "or use positional=learned or sinusoidal"
             )
 
+    def _check_documents(self) -> None:
+        if self.attention is Attention.document and not self.causal:
+            raise ValueError(
+                "model.attention=document masks attention to earlier tokens of the same document, but "
+                "model.causal=false (a bidirectional encoder) has no earlier-only attention: use attention=causal "
+                "(the default) for an encoder, or causal=true"
+            )
+        if self.document_kernel is DocumentKernel.flex and self.dropout > 0:
+            raise ValueError(
+                f"model.document_kernel=flex has no attention dropout, but model.dropout={self.dropout}: "
+                "use document_kernel=auto (sdpa while dropout is active) or sdpa, or dropout=0.0"
+            )
+        if self.eos_id is None:
+            return
+        if self.eos_id < 0 or (self.vocab_size is not None and self.eos_id >= self.vocab_size):
+            raise ValueError(
+                f"model.eos_id={self.eos_id} is not a token id in [0, model.vocab_size={self.vocab_size}): "
+                "leave eos_id null; training sets it from the prepared data's eos token"
+            )
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
@@ -188,6 +243,10 @@ class ModelConfig:
     def with_vocab(self, vocab_size: int) -> "ModelConfig":
         """A copy with vocab_size set (validated again)."""
         return dataclasses.replace(self, vocab_size=vocab_size)
+
+    def with_eos(self, eos_id: int) -> "ModelConfig":
+        """A copy with eos_id, the token that ends each document of the prepared data, set (validated again)."""
+        return dataclasses.replace(self, eos_id=eos_id)
 
 
 E = TypeVar("E", bound=Enum)

@@ -52,8 +52,7 @@ def beam_search(model: nn.Module, prompt: list[int], max_new_tokens: int, eos_id
     device = next(model.parameters()).device
     cache = KVCache(model.cfg.n_layers, max_len=len(prompt) + max_new_tokens)
     log_probs = _next_log_probs(model, torch.tensor([prompt], dtype=torch.long, device=device), 0, cache)
-    for layer in cache.layers:  # one prompt, beam_size continuations of it
-        layer.k, layer.v = layer.k.expand(beam_size, -1, -1, -1).clone(), layer.v.expand(beam_size, -1, -1, -1).clone()
+    cache.select_rows(torch.zeros(beam_size, dtype=torch.long, device=device))  # one prompt, beam_size continuations of it
     scores = torch.zeros(1, device=device)  # one live beam until the first expansion
     beams: list[list[int]] = [[]]
     finished: list[tuple[float, list[int]]] = []
@@ -78,8 +77,7 @@ def beam_search(model: nn.Module, prompt: list[int], max_new_tokens: int, eos_id
                 len(finished) >= beam_size and max(f[0] for f in finished) >= best_alive):
             break
         index = torch.tensor(parents + [parents[0]] * (beam_size - len(parents)), device=device)
-        for layer in cache.layers:
-            layer.k, layer.v = layer.k.index_select(0, index), layer.v.index_select(0, index)
+        cache.select_rows(index)
         beams, scores = next_beams, torch.tensor(next_scores, device=device)
         last = torch.tensor([[b[-1]] for b in beams] + [[beams[0][-1]]] * (beam_size - len(beams)), device=device)
         log_probs = _next_log_probs(model, last, len(prompt) + step, cache)

@@ -29,6 +29,8 @@ def generate_tokens(
     Raises ValueError when T0 + max_new_tokens > max_seq_len (the prompt is not cropped: crop
     it yourself to keep the last max_seq_len - max_new_tokens tokens).
     The model runs in eval mode; its previous mode is restored afterwards.
+    With model.attention=document the rows are read as training windows are: an eos in the prompt, or a
+    generated one, ends a document that later tokens do not read; a prompt without eos is one document.
     """
     cfg = model.cfg
     if not cfg.causal:

@@ -79,15 +79,22 @@ def compute_rope_cos_sin(
     `model.to(torch.bfloat16)` (losing the angles of far positions) and left as garbage by
     `to_empty()` after meta-device construction.
     """
-    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     positions = torch.arange(start_pos, start_pos + seq_len, device=device, dtype=torch.float32)
-    angles = torch.outer(positions, inv_freq)  # (T, D/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (T, D)
+    return compute_rope_cos_sin_at(positions, head_dim, theta=theta)
+
+
+def compute_rope_cos_sin_at(positions: Tensor, head_dim: int, *, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles at positions (...) of any shape (e.g. (B, T) positions within
+    documents); two float32 tensors (..., head_dim), laid out as `compute_rope_cos_sin`'s."""
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # (..., D/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (..., D)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x[i], x[i + D/2]) of x (B, H, T, D) by the angles whose cos/sin are (T, D).
+    """Rotate pairs (x[i], x[i + D/2]) of x (B, H, T, D) by the angles whose cos/sin are (T, D), or
+    (B, 1, T, D) when each row has its own positions.
 
     The rotate-half pairing (GPT-NeoX, Hugging Face Llama) rather than interleaved pairs
     (original RoFormer/Meta code): equivalent up to a permutation of q/k rows, and it maps onto

@@ -11,9 +11,17 @@ import torch
 from torch import Tensor, nn
 
 from lmtrain.model.attention import KVCache, LayerKVCache, SelfAttention
-from lmtrain.model.config import ModelConfig, Positional
+from lmtrain.model.config import Attention, ModelConfig, Positional
+from lmtrain.model.documents import DocumentMask, build_document_mask, use_flex
 from lmtrain.model.generate import generate_tokens
-from lmtrain.model.layers import MLP, LMHeadTransform, build_norm, compute_rope_cos_sin, compute_sinusoidal_table
+from lmtrain.model.layers import (
+    MLP,
+    LMHeadTransform,
+    build_norm,
+    compute_rope_cos_sin,
+    compute_rope_cos_sin_at,
+    compute_sinusoidal_table,
+)
 
 
 class Block(nn.Module):
@@ -42,18 +50,21 @@ class Block(nn.Module):
         kv_cache: Optional[LayerKVCache] = None,
         start_pos: int = 0,
         key_mask: Optional[Tensor] = None,
+        documents: Optional[DocumentMask] = None,
     ) -> Tensor:
         """x (B, T, d_model) -> (B, T, d_model).
 
-        rope: (cos, sin), each (T, head_dim) float32, or None when positions are not rotary.
+        rope: (cos, sin), each (T, head_dim) float32, or (B, 1, T, head_dim) with positions within
+        documents; None when positions are not rotary.
         kv_cache: this block's entry of a `KVCache` (generation only), or None.
         start_pos: position of x[:, 0]; with a cache, the number of positions already in it.
         key_mask: (B, T) bool, True at real (not padding) tokens, or None.
+        documents: the documents of the window with model.attention=document, else None.
         """
         if self.pre_norm:
-            x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, kv_cache, start_pos, key_mask))
+            x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, kv_cache, start_pos, key_mask, documents))
             return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
-        x = self.attn_norm(x + self.resid_dropout(self.attn(x, rope, kv_cache, start_pos, key_mask)))
+        x = self.attn_norm(x + self.resid_dropout(self.attn(x, rope, kv_cache, start_pos, key_mask, documents)))
         return self.mlp_norm(x + self.resid_dropout(self.mlp(x)))
 
 
@@ -141,6 +152,8 @@ class Transformer(nn.Module):
         hidden=True returns the final hidden states (B, T, d_model) instead, for task heads
         (through forward, so FSDP's hooks on the root run).
         token_type_ids: (B, T) int64 segment ids below type_vocab_size; None = type 0 everywhere.
+        With model.attention=document, each token reads only its own document (documents end with
+        model.eos_id; see lmtrain.model.documents); a KV cache carries the documents over between calls.
         """
         seq_len = idx.shape[1]
         if start_pos + seq_len > self.cfg.max_seq_len:
@@ -156,12 +169,13 @@ class Transformer(nn.Module):
             x = x + (self.type_embeddings.weight[0] if token_type_ids is None else self.type_embeddings(token_type_ids))
         elif token_type_ids is not None:
             raise ValueError("token_type_ids were given, but the model has no token-type embedding (model.type_vocab_size=0)")
-        x, rope = self._add_positions(x, start_pos)
+        documents, positions = self._documents(idx, start_pos, kv_cache, attention_mask)
+        x, rope = self._add_positions(x, start_pos, positions)
         if self.cfg.embedding_norm:
             x = self.embed_norm(x)
         x = self.embed_dropout(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, None if kv_cache is None else kv_cache[i], start_pos, attention_mask)
+            x = block(x, rope, None if kv_cache is None else kv_cache[i], start_pos, attention_mask, documents)
         if hidden:
             return self.norm(x)
         return self.compute_logits(self.norm(x))
@@ -172,13 +186,40 @@ class Transformer(nn.Module):
             hidden = self.lm_head_transform(hidden)
         return self.lm_head(hidden).float()
 
+    def _documents(
+        self, idx: Tensor, start_pos: int, kv_cache: Optional[KVCache], attention_mask: Optional[Tensor]
+    ) -> tuple[Optional[DocumentMask], Optional[Tensor]]:
+        """With attention=document: the documents of idx and, with document_positions, each token's
+        position within its document (B, T) int64; (None, None) with attention=causal."""
+        cfg = self.cfg
+        if cfg.attention is Attention.causal:
+            return None, None
+        if cfg.eos_id is None:
+            raise ValueError(
+                "model.attention=document needs model.eos_id, the token that ends each document, but it is null: "
+                "train from prepared data (which sets it), call cfg.with_eos(tokenizer.eos_id), or use "
+                "model.attention=causal"
+            )
+        flex = kv_cache is None and attention_mask is None and use_flex(
+            cfg.document_kernel, idx.device, dropout_active=self.training and cfg.dropout > 0,
+            needs_backward=torch.is_grad_enabled(),
+        )
+        documents, positions = build_document_mask(idx, cfg.eos_id, start_pos=start_pos, kv_cache=kv_cache, flex=flex)
+        return documents, positions if cfg.document_positions else None
+
     def _add_positions(
-        self, x: Tensor, start_pos: int
+        self, x: Tensor, start_pos: int, positions: Optional[Tensor] = None
     ) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]:
-        """Add absolute position encodings to x, or return the rotary (cos, sin) for the blocks."""
-        positions = slice(start_pos, start_pos + x.shape[1])
+        """Add absolute position encodings to x, or return the rotary (cos, sin) for the blocks.
+
+        positions: (B, T) int64 position of each token (within its document), or None for
+        start_pos .. start_pos + T - 1 in every row."""
+        where = slice(start_pos, start_pos + x.shape[1]) if positions is None else positions
         match self.cfg.positional:
             case Positional.rope:
+                if positions is not None:
+                    cos, sin = compute_rope_cos_sin_at(positions, self.cfg.head_dim, theta=self.cfg.rope_theta)
+                    return x, (cos[:, None], sin[:, None])  # (B, 1, T, D): one set of angles for all heads
                 rope = compute_rope_cos_sin(
                     x.shape[1],
                     self.cfg.head_dim,
@@ -188,9 +229,9 @@ class Transformer(nn.Module):
                 )
                 return x, rope
             case Positional.learned:
-                return x + self.pos_embeddings.weight[positions], None
+                return x + self.pos_embeddings.weight[where], None
             case Positional.sinusoidal:
-                return x + self.sinusoidal_table[positions].to(x.dtype), None
+                return x + self.sinusoidal_table[where].to(x.dtype), None
         choices = ", ".join(Positional.__members__)
         raise ValueError(f"unknown model.positional={self.cfg.positional!r}: use one of {choices}")
 
