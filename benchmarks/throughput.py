@@ -3,8 +3,8 @@
 Both sides train the same `build_model` model (same seed, so the same init, checked), with the
 same AdamW parameter groups (`build_optimizer`), the same LambdaLR schedule (`build_scheduler`),
 gradient clipping at 1.0 and the same batches (a `TrainWindowStream` DataLoader over a token file
-of Python standard-library source bytes, written to a temp dir). Precision is 32-true on CPU and
-bf16-mixed on a GPU with bf16, as `lmtrain train` resolves it.
+of Python standard-library source bytes, each file a document ended by EOS_ID, written to a temp dir).
+Precision is 32-true on CPU and bf16-mixed on a GPU with bf16, as `lmtrain train` resolves it.
 
 - lmtrain: `CausalLMTask` + `LMDataModule` in a `lightning.Trainer` built with `lmtrain train`'s
   arguments and its per-step callbacks (`StepMetrics` at conf/trainer/default.yaml's log cadence,
@@ -22,8 +22,15 @@ cycles on both sides (device synchronised at every boundary). The table reports 
 tokens/s per side and their ratio. At the end both models must hold the same weights: the max
 parameter difference is printed as evidence that both sides did the same work.
 
+Attention (--attention-models): the cost of model.attention=document. Two plain loops over the same
+batches from the same init, one with attention=causal and one with attention=document (its kernel as
+`auto` picks it: sdpa with a boolean mask on CPU, FlexAttention on CUDA), alternate in the same way:
+warmup steps on each, then --repeats x [causal segment][document segment]. The table reports the
+median tokens/s of each and document / causal.
+
     python benchmarks/throughput.py                       # tiny and ~20M, CPU (or CUDA if present)
-    python benchmarks/throughput.py --steps 10 --repeats 1 --models tiny   # a quick look
+    python benchmarks/throughput.py --steps 10 --repeats 1 --models tiny --attention-models tiny   # a quick look
+    python benchmarks/throughput.py --models --attention-models tiny 20m   # document masking only
 
 Run it alone: another CPU-bound process on the machine adds noise to both sides.
 """
@@ -31,6 +38,7 @@ Run it alone: another CPU-bound process on the machine adds noise to both sides.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import statistics
@@ -59,7 +67,7 @@ from lmtrain.data.shards import TokenSpace
 from lmtrain.distributed.config import StrategyConfig
 from lmtrain.distributed.strategy import build_strategy
 from lmtrain.loggers import LoggerConfig, build_loggers
-from lmtrain.model import ModelConfig, build_model
+from lmtrain.model import Attention, ModelConfig, build_model
 from lmtrain.optim import OptimConfig, ScheduleConfig, build_optimizer, build_scheduler
 from lmtrain.tasks.causal_lm import CausalLMTask
 from lmtrain.train import peak_flops, resolve_precision
@@ -68,6 +76,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 TARGET_RATIO = 0.97
 SEED = 1337  # TrainConfig.seed
 GRAD_CLIP = 1.0
+EOS_ID = 256  # after the byte ids, inside both models' vocabularies
 
 
 @dataclass
@@ -93,17 +102,19 @@ def build_cases() -> dict[str, BenchCase]:
 
 # -- data ----------------------------------------------------------------------------------------
 def write_token_files(directory: Path, n_train_tokens: int, n_val_tokens: int) -> None:
-    """train.bin and val.bin: bytes of the standard library's .py files as uint16 token ids (< 256)."""
+    """train.bin and val.bin: the standard library's .py files, one document each, as uint16 token ids:
+    the file's bytes (< 256), then EOS_ID."""
     wanted = n_train_tokens + n_val_tokens
     chunks, total = [], 0
     for path in sorted(Path(os.__file__).parent.rglob("*.py")):
-        chunks.append(path.read_bytes())
-        total += len(chunks[-1])
+        chunks.append(np.frombuffer(path.read_bytes(), dtype=np.uint8).astype(np.uint16))
+        chunks.append(np.array([EOS_ID], dtype=np.uint16))
+        total += len(chunks[-2]) + 1
         if total >= wanted:
             break
     if total < wanted:
-        raise RuntimeError(f"the standard library holds {total:,} bytes of .py source, fewer than {wanted:,}; lower --tokens")
-    tokens = np.frombuffer(b"".join(chunks)[:wanted], dtype=np.uint8).astype(np.uint16)
+        raise RuntimeError(f"the standard library holds {total:,} tokens of .py source, fewer than {wanted:,}; lower --tokens")
+    tokens = np.concatenate(chunks)[:wanted]
     tokens[:n_train_tokens].tofile(directory / "train.bin")
     tokens[n_train_tokens:].tofile(directory / "val.bin")
 
@@ -206,13 +217,18 @@ class CaseResult:
         return statistics.median(self.lmtrain_tokens_per_s) / statistics.median(self.plain_tokens_per_s)
 
 
-def bench_case(name: str, case: BenchCase, args: argparse.Namespace, data_dir: Path, n_train_tokens: int) -> CaseResult:
-    max_steps = args.warmup_steps + args.repeats * args.steps
+def trainer_config(case: BenchCase, args: argparse.Namespace) -> TrainerConfig:
     log_every = yaml.safe_load((CONF_DIR / "trainer" / "default.yaml").read_text())["log_every_steps"]
-    tcfg = TrainerConfig(
-        max_steps=max_steps, seq_len=case.seq_len, micro_batch_size=case.micro_batch_size,
-        accelerator="gpu" if args.device == "cuda" else "cpu", log_every_steps=log_every, grad_clip=GRAD_CLIP,
+    return TrainerConfig(
+        max_steps=args.warmup_steps + args.repeats * args.steps, seq_len=case.seq_len,
+        micro_batch_size=case.micro_batch_size, accelerator="gpu" if args.device == "cuda" else "cpu",
+        log_every_steps=log_every, grad_clip=GRAD_CLIP,
     )
+
+
+def bench_case(name: str, case: BenchCase, args: argparse.Namespace, data_dir: Path, n_train_tokens: int) -> CaseResult:
+    tcfg = trainer_config(case, args)
+    max_steps = tcfg.max_steps
     device = torch.device(args.device)
     L.seed_everything(SEED, workers=True, verbose=False)
     task = CausalLMTask(
@@ -252,6 +268,49 @@ def max_param_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
     return max((x.detach().cpu().float() - y.detach().cpu().float()).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
 
 
+# -- attention: causal against document masking -------------------------------------------------
+@dataclass
+class AttentionResult:
+    name: str
+    documents_per_window: float
+    causal_tokens_per_s: list[float]
+    document_tokens_per_s: list[float]
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.document_tokens_per_s) / statistics.median(self.causal_tokens_per_s)
+
+
+def bench_attention(name: str, case: BenchCase, args: argparse.Namespace, data_dir: Path, n_train_tokens: int) -> AttentionResult:
+    """Alternating segments of two plain loops that differ only in model.attention."""
+    tcfg = trainer_config(case, args)
+    device = torch.device(args.device)
+    bf16 = resolve_precision(tcfg) == "bf16-mixed"
+    document_cfg = dataclasses.replace(case.model_cfg, attention=Attention.document).with_eos(EOS_ID)
+    loops = {}
+    for attention, model_cfg in (("causal", case.model_cfg), ("document", document_cfg)):
+        side = dataclasses.replace(case, model_cfg=model_cfg)
+        batches = iter(train_stream_loader(data_dir, n_train_tokens, side))
+        loops[attention] = PlainLoop(side, batches, device, bf16=bf16, max_steps=tcfg.max_steps)
+    check_same_init(loops["causal"].model, loops["document"].model)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    first = next(iter(train_stream_loader(data_dir, n_train_tokens, case)))[:, :-1]  # (B, T): the windows read first
+    documents_per_window = 1.0 + (first == EOS_ID).sum(dim=1).float().mean().item()
+    seconds: dict[str, list[float]] = {"causal": [], "document": []}
+    for loop in loops.values():
+        loop.run(args.warmup_steps)
+    sync()
+    for _ in range(args.repeats):
+        for attention, loop in loops.items():
+            started = time.perf_counter()
+            loop.run(args.steps)
+            sync()
+            seconds[attention].append(time.perf_counter() - started)
+    tokens = args.steps * case.tokens_per_step
+    return AttentionResult(name, documents_per_window, [tokens / s for s in seconds["causal"]],
+                           [tokens / s for s in seconds["document"]])
+
+
 # -- report --------------------------------------------------------------------------------------
 def print_report(results: list[CaseResult]) -> None:
     print(f"\n{'model':<10} {'params':>12} {'plain tok/s':>12} {'lmtrain tok/s':>14} {'ratio':>7}  target {TARGET_RATIO}")
@@ -268,6 +327,18 @@ def print_report(results: list[CaseResult]) -> None:
         print(f"  {r.name:<8} max |parameter difference| between the sides after training: {r.max_param_diff:.3g}")
 
 
+def print_attention_report(results: list[AttentionResult]) -> None:
+    print(f"\n{'attention':<10} {'docs/window':>11} {'causal tok/s':>13} {'document tok/s':>15} {'ratio':>7}")
+    for r in results:
+        print(
+            f"{r.name:<10} {r.documents_per_window:>11.2f} {statistics.median(r.causal_tokens_per_s):>13,.0f} "
+            f"{statistics.median(r.document_tokens_per_s):>15,.0f} {r.ratio:>7.3f}"
+        )
+    for r in results:
+        pairs = ", ".join(f"{c:,.0f}/{d:,.0f}" for c, d in zip(r.causal_tokens_per_s, r.document_tokens_per_s))
+        print(f"  {r.name:<8} causal/document: {pairs}")
+
+
 def quiet_lightning() -> None:
     """Keep the output to the measurements: Lightning's banner, StepMetrics' lines (still formatted
     on logging steps, as in a real run), its advice about loader workers (both sides use none) and
@@ -280,7 +351,10 @@ def quiet_lightning() -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=["tiny", "20m"], default=["tiny", "20m"])
+    parser.add_argument("--models", nargs="*", choices=["tiny", "20m"], default=["tiny", "20m"],
+                        help="models whose lmtrain step is timed against the plain loop")
+    parser.add_argument("--attention-models", nargs="*", choices=["tiny", "20m"], default=["tiny", "20m"],
+                        help="models timed with model.attention=causal against attention=document")
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps per timed segment; default 25 on cpu, 200 on cuda. A multiple of "
                         "conf/trainer/default.yaml's log_every_steps gives every lmtrain segment the same logging steps")
@@ -296,6 +370,8 @@ def parse_args() -> argparse.Namespace:
     for name in ("steps", "repeats", "warmup_steps", "threads"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be > 0")
+    if not args.models and not args.attention_models:
+        parser.error("--models and --attention-models are both empty: name at least one model to time")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device; use --device cpu")
     return args
@@ -311,14 +387,21 @@ def main() -> None:
         f"{args.warmup_steps} warmup steps, then {args.repeats} x (plain, lmtrain) segments of {args.steps} steps",
         flush=True,
     )
-    results = []
+    results, attention_results = [], []
     with tempfile.TemporaryDirectory(prefix="lmtrain-bench-data-") as data_dir:
         write_token_files(Path(data_dir), args.tokens, args.val_tokens)
         for name in args.models:
             case = cases[name]
             print(f"{name}: {case.micro_batch_size} x {case.seq_len} tokens per step ...", flush=True)
             results.append(bench_case(name, case, args, Path(data_dir), args.tokens))
-    print_report(results)
+        for name in args.attention_models:
+            case = cases[name]
+            print(f"{name}, attention causal vs document: {case.micro_batch_size} x {case.seq_len} tokens per step ...", flush=True)
+            attention_results.append(bench_attention(name, case, args, Path(data_dir), args.tokens))
+    if results:
+        print_report(results)
+    if attention_results:
+        print_attention_report(attention_results)
     sys.exit(0)  # a measurement, not a test: BELOW is reported, not failed
 
 

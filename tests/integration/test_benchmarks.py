@@ -24,11 +24,14 @@ def run_benchmark(script: str, *args: str, cwd) -> str:
     return out
 
 
-def test_throughput_benchmark_prints_its_ratio(tmp_path):
-    out = run_benchmark("throughput.py", "--models", "tiny", "--steps", "2", "--repeats", "1", "--warmup-steps", "1",
-                        "--threads", "1", "--device", "cpu", "--tokens", "50000", "--val-tokens", "4096", cwd=tmp_path)
+def test_throughput_benchmark_prints_its_ratios(tmp_path):
+    out = run_benchmark("throughput.py", "--models", "tiny", "--attention-models", "tiny", "--steps", "2", "--repeats", "1",
+                        "--warmup-steps", "1", "--threads", "1", "--device", "cpu", "--tokens", "50000", "--val-tokens",
+                        "4096", cwd=tmp_path)
     assert re.search(r"^tiny\s+[\d,]+\s+[\d,]+\s+[\d,]+\s+\d\.\d{3}\s", out, re.M), out[-2000:]
     assert "max |parameter difference| between the sides after training: 0" in out
+    # causal against document masking: documents per window, both tok/s, their ratio
+    assert re.search(r"^tiny\s+\d+\.\d{2}\s+[\d,]+\s+[\d,]+\s+\d+\.\d{3}$", out.split("docs/window", 1)[-1], re.M), out[-2000:]
 
 
 def test_prepare_benchmark_prints_its_ratio(tmp_path):
