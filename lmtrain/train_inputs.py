@@ -21,7 +21,7 @@ from lmtrain.data.tokenizers import TOKENIZER_FILE, ByteTokenizer, Tokenizer, lo
 from lmtrain.distributed.config import StrategyKind
 from lmtrain.distributed.rank import say
 from lmtrain.hf.backbone import hf_spec, load_hf_backbone
-from lmtrain.model.config import ModelConfig
+from lmtrain.model.config import Attention, ModelConfig
 from lmtrain.tasks.base import TaskModule
 from lmtrain.tasks import make_task
 from lmtrain.tasks.config import TaskKind
@@ -95,6 +95,8 @@ def pretraining_inputs(cfg: TrainConfig) -> RunInputs:
         model_cfg = hf_pretraining_model(spec, meta, data_dir, tcfg.seq_len)
     else:
         model_cfg = resolve_model_config(cfg.model, meta.vocab_size, str(data_dir))
+    if model_cfg.attention is Attention.document:  # documents end with the data's eos
+        model_cfg = model_cfg.with_eos(meta.eos_id)
     for source in sources:
         source_meta = load_prepared(source.directory).meta
         check_token_ids(source.train, source.val, source_meta, model_cfg.vocab_size, source.directory)

@@ -60,8 +60,8 @@ def test_validation_reports_each_source_and_the_weighted_mean(sources, tmp_path,
     assert [m["name"] for m in state["mixture"]] == ["web", "moods"] and state["consumed_samples"] == 48
 
 
-def test_sigkill_then_resume_of_a_mixture_is_bitwise_exact(sources, tmp_path):
-    args = ["train", *mixture(sources), *ARGS, "trainer.ckpt_every_steps=5"]
+def test_sigkill_then_resume_of_a_mixture_with_document_masking_is_bitwise_exact(sources, tmp_path):
+    args = ["train", *mixture(sources), *ARGS, "trainer.ckpt_every_steps=5", "model.attention=document"]
     run_cli([*args, "run_name=ref"], cwd=tmp_path)
     killed = run_cli([*args, "run_name=job"], cwd=tmp_path, env={"LMTRAIN_FAULT": "kill_after_checkpoint:5"}, check=False)
     assert killed.returncode == -9, killed.stderr[-3000:]
@@ -69,6 +69,10 @@ def test_sigkill_then_resume_of_a_mixture_is_bitwise_exact(sources, tmp_path):
     assert "resuming from" in resumed.stdout
     ref, job = losses_by_step(tmp_path / "runs" / "ref"), losses_by_step(tmp_path / "runs" / "job")
     assert sorted(job) == list(range(1, 13)) and [job[s] for s in job] == [ref[s] for s in job]
+    from lmtrain.trained import load_trained
+
+    trained = load_trained(tmp_path / "runs" / "job" / "checkpoints" / "last.ckpt", "cpu")
+    assert trained.model.cfg.attention.name == "document" and trained.model.cfg.eos_id == trained.tokenizer.eos_id
     # A changed mixture is refused on resume, naming both.
     changed = run_cli(["train", *mixture(sources, weights=(0.5, 0.5)), *ARGS, "run_name=job", "trainer.max_steps=14"],
                       cwd=tmp_path, check=False)
