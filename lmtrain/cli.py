@@ -42,7 +42,19 @@ def _prepare(cfg: DictConfig) -> None:
     from lmtrain.data.prepare import prepare_dataset
 
     typed = to_typed(cfg)
-    out = prepare_dataset(typed.data, typed.tokenizer, force=typed.force)
+    if typed.prepare.executor.name == "single":
+        out = prepare_dataset(typed.data, typed.tokenizer, force=typed.force)
+    else:
+        try:
+            from lmtrain.data.sharded_prepare import prepare_sharded
+        except ModuleNotFoundError as error:
+            if error.name != "datatrove":
+                raise
+            raise ValueError(f"prepare.executor={typed.prepare.executor.name} runs on datatrove, which is not "
+                             "installed; pip install 'lmtrain[datatrove]', or use prepare.executor=single") from None
+        out = prepare_sharded(typed.data, typed.tokenizer, typed.prepare, force=typed.force)
+        if out is None:
+            return
     print(f"prepared: {out}", flush=True)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -335,3 +336,47 @@ def write_bert_tokenizer(directory: Path, vocab_size: int = 200) -> Path:
               "pad_token": "[PAD]", "mask_token": "[MASK]", "unk_token": "[UNK]", "model_max_length": 512}
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory / "tokenizer.json"
+
+
+# -- sharded prepare (datatrove tasks): jsonl inputs and the prepared dataset they give -------------
+
+
+def write_jsonl_corpus(directory: Path, n_files: int = 5, docs_per_file: int = 150, seed: int = 0) -> Path:
+    """Files of sentence documents; every 13th row is empty, every 17th whitespace only (both dropped)."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for f in range(n_files):
+        rows = []
+        for d in range(docs_per_file):
+            sentences = [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}." for _ in range(rng.randint(1, 6))]
+            text = "" if d % 13 == 5 else " \n " if d % 17 == 3 else " ".join(sentences)
+            rows.append(json.dumps({"text": text, "n": d}) + "\n")
+        (directory / f"part-{f:02d}.jsonl").write_text("".join(rows))
+    return directory
+
+
+def sharded_overrides(corpus: Path, cache: Path, *extra: str) -> list[str]:
+    return ["data=jsonl_files", f"data.paths=[{corpus}/*.jsonl]", f"data.cache_dir={cache}", "data.val_fraction=0.1",
+            "tokenizer=bpe", "tokenizer.vocab_size=300", *extra]
+
+
+def prepare_sharded_in_process(args: list[str]) -> Path:
+    from lmtrain.config import to_typed
+    from lmtrain.data.sharded_prepare import prepare_sharded
+
+    typed = to_typed(compose("prepare", args))
+    return prepare_sharded(typed.data, typed.tokenizer, typed.prepare, log=lambda _: None)
+
+
+def tokens_of(directory: Path) -> tuple:
+    """(train tokens, val tokens) of a prepared dataset, as arrays."""
+    from lmtrain.data.prepare import load_prepared
+
+    data = load_prepared(directory)
+    return data.train[:], data.val[:]
+
+
+def meta_without_time(directory: Path) -> dict:
+    meta = json.loads((directory / "meta.json").read_text())
+    meta.pop("created")
+    return meta

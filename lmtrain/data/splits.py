@@ -19,24 +19,41 @@ if TYPE_CHECKING:
     import datasets
 
 
+_GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / phi: spreads consecutive seeds apart
+
+
+def _mix64(keys: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer, in place on uint64: a bijection that scatters neighbouring integers."""
+    keys ^= keys >> np.uint64(30)
+    keys *= np.uint64(0xBF58476D1CE4E5B9)
+    keys ^= keys >> np.uint64(27)
+    keys *= np.uint64(0x94D049BB133111EB)
+    keys ^= keys >> np.uint64(31)
+    return keys
+
+
 def compute_split(n_docs: int, val_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
     """Document positions (sorted, int64) of the train and val splits.
 
     Documents are ordered by a keyed hash of (seed, position) and the first ceil(n * val_fraction)
     go to val: a pure function of its arguments, independent of numpy's RNG streams and num_proc.
     """
-    golden = 0x9E3779B97F4A7C15  # 2**64 / phi: spreads consecutive seeds apart
-    offset = np.uint64((seed * golden) % 2**64)
-    keys = np.arange(n_docs, dtype=np.uint64) + offset
-    # splitmix64's finalizer: a bijection on uint64 that scatters neighbouring integers.
-    keys ^= keys >> np.uint64(30)
-    keys *= np.uint64(0xBF58476D1CE4E5B9)
-    keys ^= keys >> np.uint64(27)
-    keys *= np.uint64(0x94D049BB133111EB)
-    keys ^= keys >> np.uint64(31)
+    offset = np.uint64((seed * _GOLDEN) % 2**64)
+    keys = _mix64(np.arange(n_docs, dtype=np.uint64) + offset)
     order = np.argsort(keys, kind="stable")
     n_val = math.ceil(n_docs * val_fraction)
     return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def compute_document_is_val(input_index: int, doc_indices: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+    """Whether each document goes to val (bool array), decided for each document on its own by a keyed hash
+    of (seed, input_index, doc_index) against val_fraction: what a sharded prepare uses, so that any task
+    decides any document alike (on average val_fraction of them go to val, not exactly ceil(n * val_fraction))."""
+    with np.errstate(over="ignore"):
+        key = _mix64(np.array([(seed * _GOLDEN + input_index) % 2**64], dtype=np.uint64))[0]
+        keys = _mix64(np.asarray(doc_indices, dtype=np.uint64) * np.uint64(_GOLDEN) + key)
+    # The top 53 bits as a float in [0, 1).
+    return (keys >> np.uint64(11)).astype(np.float64) * 2.0**-53 < val_fraction
 
 
 def more_documents_hint(data: DataConfig, n_documents: int) -> str:
