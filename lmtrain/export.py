@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from lmtrain.checkpoint import CheckpointError, detect_layout, list_step_checkpoints, load_checkpoint_file, load_weights
+from lmtrain.checkpoint import (LAST_CHECKPOINT, CheckpointError, detect_layout, is_pointer, list_step_checkpoints,
+                                load_checkpoint_file, load_weights, resolve_checkpoint)
 from lmtrain.checkpoint.io import os_error_in, save_atomic, write_atomic
 from lmtrain.config import ExportConfig, ExportFormat
 from lmtrain.trained import RunRecord, read_record
@@ -38,7 +39,7 @@ def export_state_dict(ckpt: Path, dtype: torch.dtype) -> tuple[dict[str, torch.T
 
 def default_out_path(ckpt: Path, dtype: str, fmt: ExportFormat) -> Path:
     """runs/<run>/export-<checkpoint>-<dtype>.pt|.safetensors|-hf (`last.ckpt` named by its target)."""
-    return ckpt.parent.parent / f"export-{ckpt.resolve().name.removesuffix('.ckpt')}-{dtype}{SUFFIXES[fmt]}"
+    return ckpt.parent.parent / f"export-{resolve_checkpoint(ckpt).name.removesuffix('.ckpt')}-{dtype}{SUFFIXES[fmt]}"
 
 
 def _is_run_checkpoints_dir(directory: Path) -> bool:
@@ -47,7 +48,8 @@ def _is_run_checkpoints_dir(directory: Path) -> bool:
     run_dir = directory.parent
     return directory.name == "checkpoints" and (
         (run_dir / "config.yaml").is_file() or (run_dir / "metrics.jsonl").is_file()
-        or (directory / "last.ckpt").is_symlink() or bool(list_step_checkpoints(directory)))
+        or (directory / LAST_CHECKPOINT).is_symlink() or is_pointer(directory / LAST_CHECKPOINT)
+        or bool(list_step_checkpoints(directory)))
 
 
 def _loads_as_checkpoint(path: Path) -> bool:
@@ -60,8 +62,8 @@ def _loads_as_checkpoint(path: Path) -> bool:
 
 def checkpoint_in_the_way(out: Path, ckpt: Path) -> str | None:
     """What training checkpoint writing `out` would destroy or step into, or None. Symlinks are
-    followed (`last.ckpt` is one), and hard links to the input are caught by inode."""
-    target, source = out.resolve(), ckpt.resolve()
+    and last.ckpt pointers followed, and hard links to the input are caught by inode."""
+    target, source = out.resolve(), resolve_checkpoint(ckpt).resolve()
     exists = out.exists()
     if target == source or source in target.parents or (exists and os.path.samefile(out, ckpt)):
         return f"the input checkpoint {ckpt}" + (f" (-> {source})" if source != ckpt.absolute() else "")

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from lmtrain.checkpoint import resolve_checkpoint
 from lmtrain.config import HarnessConfig, HarnessTasks
 from lmtrain.data.tokenizers import Tokenizer
 from lmtrain.model.transformer import Transformer
@@ -219,7 +220,7 @@ def run(cfg: HarnessConfig) -> dict[str, float]:
         raise RuntimeError(f"lm-eval returned no results (LOCAL_RANK={os.environ.get('LOCAL_RANK')}); run lmtrain "
                            "harness as one process")
     print(make_table(results), flush=True)
-    ckpt = Path(cfg.ckpt).resolve()
+    ckpt = resolve_checkpoint(cfg.ckpt).resolve()
     out = Path(cfg.out) if cfg.out else ckpt.parent.parent / "harness" / f"{ckpt.stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     flat = scores(results)

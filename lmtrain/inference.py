@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from lmtrain.checkpoint import CheckpointError
+from lmtrain.checkpoint import CheckpointError, resolve_checkpoint
 from lmtrain.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from lmtrain.model.config import ModelConfig
 from lmtrain.model.transformer import Transformer
@@ -54,7 +54,7 @@ def decode_text(tokenizer: Tokenizer, ids: list[int]) -> str:
 def load_run_tokenizer(ckpt_path: str | Path, record: dict) -> Tokenizer:
     """The tokenizer saved in the run dir (runs/<run>/tokenizer), else the prepared data's; its hash
     must match the one recorded at training time."""
-    ckpt_path = Path(ckpt_path).resolve()
+    ckpt_path = resolve_checkpoint(ckpt_path).resolve()
     candidates = [ckpt_path.parent.parent / "tokenizer" / TOKENIZER_FILE, Path(record.get("data_dir") or ".") / TOKENIZER_FILE]
     for path in candidates:
         if path.is_file():

@@ -30,6 +30,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from lmtrain.checkpoint import resolve_checkpoint
 from lmtrain.data.examples import Specials, classify_ids
 from lmtrain.data.tokenizers import Tokenizer, special_id
 from lmtrain.model.transformer import Block, Transformer
@@ -329,7 +330,7 @@ def run(cfg) -> Inspection:
     loaded = load_trained(cfg.ckpt, cfg.device)
     result = inspect_text(loaded.module, loaded.kind, loaded.tokenizer, cfg.text, seq_len=loaded.run.trainer.seq_len,
                           label_names=loaded.run.label_names or None, ig_steps=cfg.ig_steps)
-    ckpt = Path(cfg.ckpt).resolve()  # last.ckpt names the step it points at
+    ckpt = resolve_checkpoint(cfg.ckpt).resolve()  # last.ckpt names the step it points at
     out = Path(cfg.out) if cfg.out else ckpt.parent.parent / "inspect" / ckpt.stem
     written = write_views(result, loaded.tokenizer, out, title=f"{Path(cfg.ckpt).name} ({loaded.kind.name})")
     print(summary(result, loaded.tokenizer), flush=True)

@@ -29,6 +29,7 @@ from lmtrain.checkpoint import (
     find_resume_checkpoint,
     list_step_checkpoints,
     load_record,
+    resolve_checkpoint,
 )
 from lmtrain.checkpoint.faults import set_run_name
 from lmtrain.checkpoint.io import remove_stale_temp_files
@@ -110,8 +111,9 @@ def choose_checkpoint(cfg: TrainConfig, ckpt_dir: Path, task: TaskModule, layout
                 say(f"removed {path.name}: left by a checkpoint write that was interrupted")
             return find_resume_checkpoint(ckpt_dir, task, **checks)
         case path:
-            check_compatible(Path(path), task, **checks)
-            return Path(path)
+            path = resolve_checkpoint(path)  # Lightning loads the step checkpoint a last.ckpt names
+            check_compatible(path, task, **checks)
+            return path
 
 
 def write_run_files(run_dir: Path, record: dict, inputs: RunInputs, hydra_files: dict[str, str]) -> None:

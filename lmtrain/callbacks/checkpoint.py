@@ -1,4 +1,4 @@
-"""Step checkpoints: every N optimizer steps and at the end, keep the newest K, last.ckpt -> newest."""
+"""Step checkpoints: every N optimizer steps and at the end, keep the newest K, last.ckpt names the newest."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lmtrain.checkpoint.faults import maybe_hold, maybe_kill
-from lmtrain.checkpoint.files import list_step_checkpoints
+from lmtrain.checkpoint.files import list_step_checkpoints, write_pointer
 from lmtrain.checkpoint.io import TMP_MARKER, fsync_dir
 
 
@@ -20,11 +20,8 @@ def step_checkpoint_name(step: int) -> str:
 
 
 def point_last_at(directory: Path, target: Path) -> None:
-    """last.ckpt -> target, replaced atomically (a temp link renamed over the old one)."""
-    tmp = directory / f".last.ckpt.tmp-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    os.symlink(target.name, tmp)
-    os.replace(tmp, directory / "last.ckpt")
+    """last.ckpt := a small file naming target (not a symlink: object-store mounts have none)."""
+    write_pointer(directory, target)
 
 
 class StepCheckpoint(L.Callback):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Mapping
@@ -9,15 +10,58 @@ from typing import Mapping
 import torch
 
 STEP_FILE = re.compile(r"^step-(\d+)\.ckpt$")
+LAST_CHECKPOINT = "last.ckpt"
+# last.ckpt is a small file naming the newest step checkpoint (object-store FUSE mounts have no
+# symlinks); runs from before it have a symlink there, which every reader still follows.
+POINTER_MAGIC = b"lmtrain checkpoint pointer\n"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and why."""
 
 
+def is_pointer(path: Path) -> bool:
+    try:
+        return path.is_file() and not path.is_symlink() and path.stat().st_size < 512 and \
+            path.read_bytes().startswith(POINTER_MAGIC)
+    except OSError:
+        return False
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint a path names: the step checkpoint a last.ckpt pointer file (or an older run's
+    last.ckpt symlink) points at, else the path itself."""
+    path = Path(path)
+    if path.is_symlink():
+        return path.resolve()
+    if not is_pointer(path):
+        return path
+    name = path.read_bytes()[len(POINTER_MAGIC):].decode("utf-8", "replace").strip()
+    if not STEP_FILE.match(name):
+        raise CheckpointError(f"{path} should name a step checkpoint (step-N.ckpt) but holds {name!r}; pass a "
+                              "step-N.ckpt of that directory instead")
+    target = path.parent / name
+    if not target.exists():
+        found = [p.name for _, p in list_step_checkpoints(path.parent)[:5]]
+        raise CheckpointError(f"{path} points at {name}, which is not there (found: {found or 'no step checkpoints'}); "
+                              "pass one of those instead")
+    return target
+
+
+def write_pointer(directory: Path, target: Path, name: str = LAST_CHECKPOINT) -> None:
+    """<directory>/last.ckpt := a pointer to target, replaced atomically (temp file, fsync, rename;
+    a symlink left by an older lmtrain is replaced the same way)."""
+    tmp = directory / f".{name}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as out:
+        out.write(POINTER_MAGIC + target.name.encode() + b"\n")
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, directory / name)
+
+
 def load_checkpoint_file(path: str | Path, *, mmap: bool = True) -> dict:
     """torch.load(weights_only=True) with errors that say what is wrong with the file."""
-    path = Path(path)
+    path = resolve_checkpoint(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_dir():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lmtrain.checkpoint.files import CheckpointError, load_checkpoint_file
+from lmtrain.checkpoint.files import CheckpointError, load_checkpoint_file, resolve_checkpoint
 
 DCP_PREFIX = "state_dict."
 
@@ -26,7 +26,7 @@ class Layout(Enum):
 
 
 def detect_layout(path: Path) -> Layout:
-    path = Path(path)
+    path = resolve_checkpoint(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_file():
@@ -61,6 +61,7 @@ def _load(path: Path) -> dict:
 
 def load_record(path: Path) -> dict:
     """Everything but the weights and optimizer state: loop counters, data state, the lmtrain record."""
+    path = resolve_checkpoint(path)
     layout = detect_layout(path)
     match layout:
         case Layout.file:
@@ -75,6 +76,7 @@ def load_record(path: Path) -> dict:
 
 
 def param_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    path = resolve_checkpoint(path)
     layout = detect_layout(path)
     match layout:
         case Layout.file:
@@ -91,7 +93,7 @@ def param_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """The full (consolidated) model state dict on CPU, whatever layout wrote it."""
-    path = Path(path)
+    path = resolve_checkpoint(path)
     layout = detect_layout(path)
     match layout:
         case Layout.file:

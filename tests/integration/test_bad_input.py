@@ -12,6 +12,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from lmtrain_testing import TINY_TRAIN, compose, data_overrides, refusal_line, train_in_process, write_corpus
 from lmtrain.checkpoint import CheckpointError
 from lmtrain.config import to_typed
+from lmtrain.checkpoint import resolve_checkpoint
 
 
 def test_typo_in_override_names_the_key():
@@ -121,7 +122,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(prepa
     bad_step = int(str(e.value).split("at step ")[1].split(";")[0])
     steps = sorted(int(p.stem.split("-")[1]) for p in (tmp_path / "run" / "checkpoints").glob("step-*.ckpt"))
     assert steps and max(steps) < bad_step  # nothing saved once a bad loss was seen (metrics number steps from 1)
-    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    last = torch.load(resolve_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt"), weights_only=True)
     assert last["global_step"] == max(steps)
 
 
@@ -220,5 +221,5 @@ def test_resuming_from_another_tasks_checkpoint_says_so(prepared, tmp_path, cli)
     ckpt = masked / "checkpoints" / "last.ckpt"
     line = refusal_line(cli(["train", *prepared, *TINY_TRAIN, *encoder, "model.causal=true", f"resume={ckpt}",
                         "trainer.max_steps=2", "run_name=lm"], tmp_path))
-    assert f"checkpoint {ckpt} was trained for task=masked_lm, but this run trains task=causal_lm" in line
+    assert f"checkpoint {resolve_checkpoint(ckpt)} was trained for task=masked_lm, but this run trains task=causal_lm" in line
     assert "init_from=" in line

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lmtrain_testing import CHILD_ENV, REPO, TINY_TRAIN, kill_tree, losses_by_step, run_cli, tree_signature, wait_for
+from lmtrain.checkpoint import resolve_checkpoint
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -29,7 +30,7 @@ def free_port() -> int:
 
 
 def weights(run_dir: Path, name: str = "last.ckpt") -> dict:
-    return torch.load(run_dir / "checkpoints" / name, weights_only=True)["state_dict"]
+    return torch.load(resolve_checkpoint(run_dir / "checkpoints" / name), weights_only=True)["state_dict"]
 
 
 def assert_same_weights(a: dict, b: dict, exact: bool) -> None:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lmtrain_testing import CHILD_ENV, TINY_TRAIN, refusal_line, train_in_process
+from lmtrain.checkpoint import resolve_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +55,7 @@ def test_nothing_is_written_into_a_runs_checkpoints(export, run_dir, target, ove
     line = error_line(proc)
     assert str(out) in line and "never written over" in line
     assert snapshot(checkpoints) == before  # byte-identical, last.ckpt still -> step-2, no temp file
-    assert (checkpoints / "last.ckpt").resolve().name == "step-00000002.ckpt"
+    assert resolve_checkpoint(checkpoints / "last.ckpt").name == "step-00000002.ckpt"
 
 
 def test_a_checkpoint_kept_elsewhere_and_the_input_itself_are_refused(export, run_dir, tmp_path):
@@ -80,7 +81,7 @@ def test_an_unrelated_file_needs_overwrite_and_then_is_replaced(export, run_dir,
     from safetensors.torch import load_file
 
     state = load_file(notes)
-    step2 = torch.load(run_dir / "checkpoints" / "step-00000002.ckpt", weights_only=True)["state_dict"]
+    step2 = torch.load(resolve_checkpoint(run_dir / "checkpoints" / "step-00000002.ckpt"), weights_only=True)["state_dict"]
     torch.testing.assert_close(state["tok_embeddings.weight"], step2["model.tok_embeddings.weight"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.safetensors"]  # no temp file left
 
@@ -97,7 +98,7 @@ def test_the_default_output_is_not_overwritten_silently(export, run_dir):
         assert default.read_bytes() == first + b"edited by hand"
         assert export([ckpt, "overwrite=true"], run_dir).returncode == 0
         assert default.read_bytes() == first
-        assert set(torch.load(default, weights_only=True)) == {"model", "lmtrain"}
+        assert set(torch.load(resolve_checkpoint(default), weights_only=True)) == {"model", "lmtrain"}
     finally:
         default.unlink(missing_ok=True)
 

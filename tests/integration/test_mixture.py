@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmtrain.checkpoint import resolve_checkpoint
 from lmtrain_testing import (TINY_TRAIN, compose, data_overrides, losses_by_step, refusal_line, run_cli,
                              train_in_process, write_corpus, write_mood_corpus)
 
@@ -55,7 +56,7 @@ def test_validation_reports_each_source_and_the_weighted_mean(sources, tmp_path,
     out = capsys.readouterr().out
     assert "mixture: web 75.0% (" in out and "moods 25.0% (" in out
     assert "mixture-weighted" in out
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt = torch.load(resolve_checkpoint(run_dir / "checkpoints" / "last.ckpt"), weights_only=True)
     state = next(v for k, v in ckpt.items() if k.endswith("LMDataModule"))
     assert [m["name"] for m in state["mixture"]] == ["web", "moods"] and state["consumed_samples"] == 48
 
@@ -111,7 +112,7 @@ def test_max_epochs_refuses_a_run_that_repeats_a_source_too_often(sources, tmp_p
 def test_global_batch_tokens_sets_the_batch_in_sequences(prepared, tmp_path):
     run_dir = train_in_process([*prepared, *TINY_TRAIN, "trainer.max_steps=2", "trainer.global_batch_tokens=256",
                                 "trainer.val_every_steps=100"], tmp_path / "run")
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt = torch.load(resolve_checkpoint(run_dir / "checkpoints" / "last.ckpt"), weights_only=True)
     state = next(v for k, v in ckpt.items() if k.endswith("LMDataModule"))
     assert state["global_batch_size"] == 256 // 32 and state["consumed_samples"] == 2 * 8
     assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1

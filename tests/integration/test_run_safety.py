@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmtrain.checkpoint import CheckpointError
+from lmtrain.checkpoint import CheckpointError, resolve_checkpoint
 
 from lmtrain_testing import (
     TINY_TRAIN,
@@ -155,4 +155,4 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(prepared, small_
         train_in_process(base, disk / "runs" / "full")
     checkpoints = disk / "runs" / "full" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step-00000002.ckpt"]  # no temp file left
-    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert torch.load(resolve_checkpoint(checkpoints / "last.ckpt"), weights_only=True)["global_step"] == 2

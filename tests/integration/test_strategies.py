@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lmtrain_testing import TINY_TRAIN, losses_by_step, run_cli
+from lmtrain.checkpoint import resolve_checkpoint
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -21,7 +22,7 @@ def reference(prepared, tmp_path_factory) -> dict:
     cwd = tmp_path_factory.mktemp("ref")
     run_cli(["train", *prepared, *TINY_TRAIN, *COMMON, "strategy=ddp", "run_name=ddp"], cwd=cwd)
     run_dir = cwd / "runs" / "ddp"
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    state = torch.load(resolve_checkpoint(run_dir / "checkpoints" / "last.ckpt"), weights_only=True)["state_dict"]
     return {"losses": losses_by_step(run_dir), "state": state, "ckpt": run_dir / "checkpoints" / "last.ckpt"}
 
 
@@ -61,7 +62,7 @@ def test_train_save_resume_export(prepared, reference, tmp_path, strategy, kill)
     exported = run_cli(["export", f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", "format=torch",
                         f"out={tmp_path / 'model.pt'}"], cwd=tmp_path)
     assert "exported" in exported.stdout
-    state = torch.load(tmp_path / "model.pt", weights_only=True)["model"]
+    state = torch.load(resolve_checkpoint(tmp_path / "model.pt"), weights_only=True)["model"]
     batch = torch.randint(0, 262, (2, 16), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(logits_of(state, batch), logits_of(reference["state"], batch), rtol=1e-4, atol=1e-4)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lmtrain_testing import TINY_TRAIN, losses_by_step, run_cli, train_in_process
+from lmtrain.checkpoint import resolve_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +26,8 @@ def test_loss_falls_and_run_dir_is_complete(prepared, tmp_path, capsys):
     assert "unigram entropy" in out and "--- sample ---" in out
     assert (run_dir / "config.yaml").is_file() and (run_dir / "tokenizer" / "tokenizer.json").is_file()
     last_ckpt = run_dir / "checkpoints" / "last.ckpt"
-    assert last_ckpt.resolve().name == "step-00000060.ckpt"
-    ckpt = torch.load(last_ckpt, weights_only=True)  # loads with weights_only=True
+    assert resolve_checkpoint(last_ckpt).name == "step-00000060.ckpt" and not last_ckpt.is_symlink()
+    ckpt = torch.load(resolve_checkpoint(last_ckpt), weights_only=True)  # loads with weights_only=True
     record = ckpt["lmtrain"]
     assert record["config"]["trainer"]["max_steps"] == 60 and record["version"]
     assert record["tokenizer_hash"] and len(record["rng"]["per_rank"]) == 1
@@ -55,7 +56,7 @@ def uninterrupted(prepared, tmp_path_factory):
 
 
 def final_state(run_dir: Path) -> dict:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    return torch.load(resolve_checkpoint(run_dir / "checkpoints" / "last.ckpt"), weights_only=True)["state_dict"]
 
 
 @pytest.mark.parametrize("kill_step,log_every", [(6, 1), (16, 1), (6, 5)],
@@ -93,12 +94,12 @@ def test_sigkill_during_checkpoint_write_keeps_previous(prepared, tmp_path):
     ckpt_dir = tmp_path / "runs" / "job" / "checkpoints"
     assert not (ckpt_dir / "step-00000012.ckpt").exists()
     assert list(ckpt_dir.glob("*.tmp-*")), "the interrupted write should have left its temp file"
-    assert (ckpt_dir / "last.ckpt").resolve().name == "step-00000006.ckpt"
-    assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert resolve_checkpoint(ckpt_dir / "last.ckpt").name == "step-00000006.ckpt"
+    assert torch.load(resolve_checkpoint(ckpt_dir / "last.ckpt"), weights_only=True)["global_step"] == 6
     resumed = run_cli(args, cwd=tmp_path)
     assert "step-00000006.ckpt" in resumed.stdout and "interrupted" in resumed.stdout
     assert not list(ckpt_dir.glob("*.tmp-*"))
-    assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 12
+    assert torch.load(resolve_checkpoint(ckpt_dir / "last.ckpt"), weights_only=True)["global_step"] == 12
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(prepared, tmp_path, capsys, caplog):
@@ -111,15 +112,15 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(prepared, tmp_path, ca
     out = capsys.readouterr().out
     assert "resuming from" in out and "step-00000004.ckpt" in out
     assert "step-00000008.ckpt" in caplog.text and "cannot be read" in caplog.text
-    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+    assert torch.load(resolve_checkpoint(run_dir / "checkpoints" / "last.ckpt"), weights_only=True)["global_step"] == 12
 
 
 def test_compile_and_activation_checkpointing_match_eager_and_keep_clean_keys(prepared, tmp_path):
     base = [*prepared, *TINY_TRAIN, "trainer.max_steps=4", "trainer.val_every_steps=100", "model.dropout=0.0"]
     eager = train_in_process(base, tmp_path / "eager")
     both = train_in_process([*base, "trainer.compile=true", "trainer.activation_checkpointing=true"], tmp_path / "both")
-    keys = torch.load(both / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"].keys()
+    keys = torch.load(resolve_checkpoint(both / "checkpoints" / "last.ckpt"), weights_only=True)["state_dict"].keys()
     assert not [k for k in keys if "_orig_mod" in k or "checkpoint" in k]
-    assert keys == torch.load(eager / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"].keys()
+    assert keys == torch.load(resolve_checkpoint(eager / "checkpoints" / "last.ckpt"), weights_only=True)["state_dict"].keys()
     a, b = losses_by_step(eager), losses_by_step(both)
     assert [b[s] for s in range(1, 5)] == pytest.approx([a[s] for s in range(1, 5)], rel=1e-4)

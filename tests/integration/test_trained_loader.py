@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lmtrain_testing import TINY_TRAIN, train_in_process
+from lmtrain.checkpoint import resolve_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +43,7 @@ def test_an_older_record_loads_with_the_schemas_defaults(ckpt, tmp_path):
     from lmtrain.tasks.config import TaskKind
     from lmtrain.trained import load_trained
 
-    saved = torch.load(ckpt, weights_only=True)
+    saved = torch.load(resolve_checkpoint(ckpt), weights_only=True)
     old = saved["lmtrain"]
     del old["config"]["trainer"]["micro_batch_size"], old["task"]
     old["config"]["trainer"]["retired_option"] = 1

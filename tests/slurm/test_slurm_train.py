@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lmtrain_testing import TINY_TRAIN, losses_by_step, run_cli, tree_signature, wait_for
+from lmtrain.checkpoint import resolve_checkpoint
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.distributed]
 
@@ -102,7 +103,7 @@ def test_a_dying_rank_fails_the_job_without_requeue_and_keeps_the_checkpoint(slu
     assert state == "FAILED", log_of(run_dir, job)[-4000:]
     assert slurm_cluster.job(job).get("Restarts", "0") == "0"
     last = run_dir / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == 4
+    assert torch.load(resolve_checkpoint(last), weights_only=True)["global_step"] == 4
 
 
 def test_sweep_runs_its_trials_as_slurm_jobs(slurm_cluster, prepared, tmp_path):
@@ -136,7 +137,7 @@ def test_time_limit_signal_requeues_and_the_job_completes(slurm_cluster, prepare
     assert restarts >= 1 and log.count("USR1 received: saving at step") == restarts, log[-4000:]
     assert log.count("resuming from") == restarts
     assert sorted(losses_by_step(run_dir)) == list(range(1, steps + 1))
-    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == steps
+    assert torch.load(resolve_checkpoint(run_dir / "checkpoints" / "last.ckpt"), weights_only=True)["global_step"] == steps
     assert_one_wandb_run(run_dir, attempts=restarts + 1)
 
 
