@@ -152,11 +152,30 @@ def compute_fingerprint(data: DataConfig, tokenizer: TokenizerConfig) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode("utf-8")).hexdigest()
 
 
+SHARDED_LAYOUT = "sharded-by-input-file-v1"
+
+
+def compute_sharded_fingerprint(data: DataConfig, tokenizer: TokenizerConfig) -> str:
+    """A sharded prepare's (prepare.executor=local|slurm): single's inputs plus the sharded layout, not
+    the executor, tasks or workers (they do not change the bytes)."""
+    base = compute_fingerprint(data, tokenizer)
+    return hashlib.sha256(json.dumps({"inputs": base, "layout": SHARDED_LAYOUT}).encode("utf-8")).hexdigest()
+
+
+def sharded_prepared_dir(data: DataConfig, tokenizer: TokenizerConfig) -> Path:
+    return Path(data.cache_dir).expanduser() / f"{data.name}-{compute_sharded_fingerprint(data, tokenizer)[:12]}"
+
+
 def prepared_dir(data: DataConfig, tokenizer: TokenizerConfig) -> Path:
     """Where `prepare_dataset` puts (or put) this dataset; does no work besides stat-ing inputs."""
     if data.prepared:
         return Path(data.prepared).expanduser()
-    return Path(data.cache_dir).expanduser() / f"{data.name}-{compute_fingerprint(data, tokenizer)[:12]}"
+    single = Path(data.cache_dir).expanduser() / f"{data.name}-{compute_fingerprint(data, tokenizer)[:12]}"
+    if not single.exists():  # made by prepare.executor=local|slurm instead?
+        sharded = sharded_prepared_dir(data, tokenizer)
+        if sharded.exists():
+            return sharded
+    return single
 
 
 def load_meta(directory: str | Path) -> DatasetMeta:

@@ -44,8 +44,10 @@ from lmtrain.data.prepare import (
     _fsync_dir,
     _write_synced,
     check_prepared,
-    compute_fingerprint,
+    SHARDED_LAYOUT,
+    compute_sharded_fingerprint,
     compute_token_dtype,
+    sharded_prepared_dir,  # noqa: F401 - re-exported
 )
 from lmtrain.data.sharded_executors import build_executor, run_executor
 from lmtrain.data.sharded_inputs import VAL, InputFile, resolve_inputs
@@ -55,17 +57,6 @@ from lmtrain.data.tokenizers import TOKENIZER_FILE, build_tokenizer
 
 PLAN_FILE = "plan.json"
 _LOCK_FILE = ".lock"
-LAYOUT = "sharded-by-input-file-v1"
-
-
-def compute_sharded_fingerprint(data: DataConfig, tokenizer: TokenizerConfig) -> str:
-    """The fingerprint of single's inputs plus the sharded layout: not the executor, tasks or workers."""
-    base = compute_fingerprint(data, tokenizer)
-    return hashlib.sha256(json.dumps({"inputs": base, "layout": LAYOUT}).encode("utf-8")).hexdigest()
-
-
-def sharded_prepared_dir(data: DataConfig, tokenizer: TokenizerConfig) -> Path:
-    return Path(data.cache_dir).expanduser() / f"{data.name}-{compute_sharded_fingerprint(data, tokenizer)[:12]}"
 
 
 def prepare_sharded(data: DataConfig, tokenizer: TokenizerConfig, execution: PrepareExecutionConfig, *,
@@ -244,7 +235,7 @@ def _finish(work: Path, target: Path, plan: dict, data: DataConfig, tokenizer_cf
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         source=describe_sources(data), shards=shards,
         inputs={
-            "layout": LAYOUT,
+            "layout": SHARDED_LAYOUT,
             "unit": "one train and one val shard per input file, in input order",
             "split": "per document: keyed hash of (split_seed, input index, position among the file's documents) "
                      "< val_fraction; role val = all val, train = all train",

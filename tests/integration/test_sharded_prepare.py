@@ -116,10 +116,15 @@ def test_streamed_hub_files_equal_the_local_read(corpus, one_task, tmp_path):
         assert np.array_equal(mine, reference)
 
 
-def test_lmtrain_trains_on_a_sharded_dataset(one_task, tmp_path):
-    run_dir = train_in_process([f"data.prepared={one_task}", *TINY_TRAIN, "trainer.max_steps=3", "trainer.accelerator=cpu",
-                                "trainer.val_every_steps=3"], tmp_path / "runs" / "sharded")
-    assert sorted(losses_by_step(run_dir)) == [1, 2, 3]
+def test_lmtrain_trains_on_a_sharded_dataset(corpus, one_task, tmp_path):
+    """By data.prepared=<dir>, and by the same data.* and tokenizer.* settings that prepared it."""
+    for name, data in (("by-dir", [f"data.prepared={one_task}"]), ("by-settings", sharded_overrides(corpus, one_task.parent))):
+        run_dir = train_in_process([*data, *TINY_TRAIN, "trainer.max_steps=3", "trainer.accelerator=cpu",
+                                    "trainer.val_every_steps=3"], tmp_path / "runs" / name)
+        assert sorted(losses_by_step(run_dir)) == [1, 2, 3]
+        from lmtrain.trained import read_record
+
+        assert read_record(run_dir / "checkpoints" / "last.ckpt").data_dir == one_task
 
 
 @pytest.mark.parametrize("args, message", [
