@@ -21,7 +21,7 @@ from lmtrain.checkpoint import CheckpointError
 from lmtrain.data.tokenizers import TOKENIZER_CONFIG_FILE, Tokenizer
 from lmtrain.hf.convert import Family, family_of, hf_config, to_hf_state
 from lmtrain.hf.files import parse_size, save_hf_weights
-from lmtrain.model.config import ModelConfig
+from lmtrain.model.config import Attention, ModelConfig
 from lmtrain.model.transformer import Transformer
 from lmtrain.trained import RunRecord
 
@@ -134,7 +134,10 @@ def check_input(model_cfg: ModelConfig) -> torch.Tensor:
     """The fixed input of the check: ids over the whole real vocabulary, (CHECK_BATCH, T) int64."""
     generator = torch.Generator().manual_seed(0)
     seq_len = min(CHECK_SEQ_LEN, model_cfg.max_seq_len)
-    return torch.randint(0, model_cfg.vocab_size, (CHECK_BATCH, seq_len), generator=generator)
+    ids = torch.randint(0, model_cfg.vocab_size, (CHECK_BATCH, seq_len), generator=generator)
+    if model_cfg.attention is Attention.document:  # one document: what transformers' causal attention computes
+        ids[ids == model_cfg.eos_id] = (model_cfg.eos_id + 1) % model_cfg.vocab_size
+    return ids
 
 
 def load_hf_model(directory: Path, family: Family):
@@ -169,6 +172,10 @@ def export_hf(ckpt: Path, out: Path, *, dtype: torch.dtype, dtype_name: str, ove
 
     max_shard_bytes = parse_size(max_shard_size)  # out was checked by lmtrain.export.check_out_path
     model_cfg, record = model_and_task(ckpt)
+    if model_cfg.attention is Attention.document:
+        print("note: this model was trained with model.attention=document; transformers attends across an eos, so the "
+              "export computes lmtrain's logits for text holding no eos (one document), as generation from a prompt does",
+              flush=True)
     tokenizer = load_run_tokenizer(ckpt, record.raw)
     if check:
         require_transformers()  # before the weights are read and written, not after

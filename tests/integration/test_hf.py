@@ -20,6 +20,8 @@ pytestmark = pytest.mark.slow
 FAMILIES = {
     "gpt2": ["model.positional=learned", "model.norm=layernorm", "model.mlp=gelu", "model.bias=true"],
     "llama": ["model.n_kv_heads=1", "model.tied_embeddings=false"],  # tiny is rope + rmsnorm + swiglu
+    # Trained with document masking: transformers' causal attention computes its logits on one document.
+    "llama_document": ["model.n_kv_heads=1", "model.tied_embeddings=false", "model.attention=document"],
 }
 
 
@@ -47,9 +49,12 @@ def test_export_loads_in_transformers_with_lmtrain_logits_generation_and_tokens(
             "model.safetensors.index.json"} <= {p.name for p in out.iterdir()}
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
-    assert type(hf).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[family]
+    assert type(hf).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+                                 "llama_document": "LlamaForCausalLM"}[family]
+    assert ("model.attention=document" in proc.stdout) == (family == "llama_document")
     ours, _ = load_model(ckpt, device="cpu")
     ids = torch.randint(0, ours.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
+    ids[ids == 256] = 65  # one document (no eos inside)
     with torch.no_grad():
         diff = (hf(ids).logits - ours(ids)[..., : ours.cfg.vocab_size]).abs().max().item()
     assert diff <= 1e-5, diff
