@@ -62,6 +62,10 @@ class TrainerConfig:
     """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
     compile: bool = False
     """torch.compile each Transformer block."""
+    loss_chunk_tokens: int = 0
+    """Causal LM training: compute the loss this many tokens at a time (each chunk's logits recomputed in
+    backward), so the fp32 (batch x seq_len x vocab) logits are never whole in memory; 0 = one piece.
+    Losses equal the plain path's up to fp32 summation order; costs one more lm-head matmul per chunk."""
     activation_checkpointing: bool = False
     num_workers: int = 0
     """DataLoader worker processes per rank."""
@@ -78,7 +82,7 @@ class TrainerConfig:
                      "val_batches", "ckpt_every_steps", "keep_last_checkpoints", "log_every_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"trainer.{name}={getattr(self, name)} must be > 0")
-        for name in ("num_workers", "sample_tokens"):
+        for name in ("num_workers", "sample_tokens", "loss_chunk_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name}={getattr(self, name)} must be >= 0")
         if self.peak_flops_per_device is not None and self.peak_flops_per_device <= 0:

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from lmtrain.callbacks.checkpoint import StepCheckpoint
+from lmtrain.callbacks.collectives import collective_counter
 from lmtrain.callbacks.requeue import RequeueExit, RequeueOnSignal
 from lmtrain.callbacks.step_metrics import StepMetrics
 from lmtrain.checkpoint import (
@@ -283,7 +284,8 @@ def build_trainer(cfg: TrainConfig, task: TaskModule, run_dir: Path, inputs: Run
         use_distributed_sampler=False,  # our sampler deals disjoint, resumable slices itself
         logger=build_loggers(cfg.logger, run_dir, record=record, wandb_run_id=task.record["wandb_run_id"],
                              resume_step=resume_step),
-        enable_checkpointing=False, callbacks=[metrics, *([checkpoints] if tcfg.checkpoint else []), *views, *cluster_callbacks],
+        enable_checkpointing=False, callbacks=[metrics, *([checkpoints] if tcfg.checkpoint else []), *views, *cluster_callbacks,
+                   *collective_counter()],
         plugins=[AtomicCheckpointIO(), *plugins], enable_progress_bar=progress_bar, enable_model_summary=False,
         default_root_dir=run_dir, log_every_n_steps=tcfg.log_every_steps,
     )

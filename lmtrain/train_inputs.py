@@ -291,7 +291,8 @@ def build_task(cfg: TrainConfig, inputs: RunInputs, record: dict) -> TaskModule:
     tcfg = cfg.trainer
     return make_task(cfg.task, inputs.model_cfg, cfg.optim, cfg.schedule, tokenizer=inputs.tokenizer,
                      label_names=inputs.task_info.get("label_names"), max_steps=tcfg.max_steps, seed=cfg.seed,
-                     grad_clip=tcfg.grad_clip, accumulate=tcfg.accumulation(), record=record)
+                     grad_clip=tcfg.grad_clip, accumulate=tcfg.accumulation(), record=record,
+                     loss_chunk_tokens=tcfg.loss_chunk_tokens)
 
 
 def init_weights_from(task: TaskModule, path: str, tokenizer_hash: str) -> None:

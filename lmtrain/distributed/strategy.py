@@ -28,7 +28,12 @@ def build_strategy(cfg: StrategyConfig, *, world_size: int, devices_per_node: in
                 )
             return "auto"  # Lightning picks the single device of the chosen accelerator
         case StrategyKind.ddp:
-            return DDPStrategy(find_unused_parameters=cfg.find_unused_parameters, timeout=timedelta(seconds=cfg.timeout_s))
+            # broadcast_buffers=False: the model's buffers are constants every rank computes alike (rotary and
+            # sinusoidal tables), and the task's buffers are per-rank accumulators (the train loss window, the
+            # first non-finite step) that rank 0's copies must not overwrite before every forward; it also
+            # saves a collective per micro batch.
+            return DDPStrategy(find_unused_parameters=cfg.find_unused_parameters, broadcast_buffers=False,
+                               timeout=timedelta(seconds=cfg.timeout_s))
         case StrategyKind.deepspeed_zero1 | StrategyKind.deepspeed_zero2 | StrategyKind.deepspeed_zero3 | StrategyKind.deepspeed_zero3_offload:
             return build_deepspeed_strategy(cfg, micro_batch_size=micro_batch_size, grad_clip=grad_clip, on_cpu=on_cpu)
         case StrategyKind.fsdp:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 def make_task(task_cfg: TaskConfig, model_cfg: ModelConfig, optim_cfg: OptimConfig, schedule_cfg: ScheduleConfig, *,
               tokenizer: Tokenizer | None, label_names: list[str] | None, max_steps: int, seed: int, grad_clip: float,
-              accumulate: int, record: dict) -> TaskModule:
+              accumulate: int, record: dict, loss_chunk_tokens: int = 0) -> TaskModule:
     """The LightningModule of task_cfg.kind (imported on use: each pulls only what it needs).
     tokenizer: masked_lm (vocabulary tables) and translate (eos); label_names: classify."""
     args = (model_cfg, optim_cfg, schedule_cfg)
@@ -24,7 +24,7 @@ def make_task(task_cfg: TaskConfig, model_cfg: ModelConfig, optim_cfg: OptimConf
         case TaskKind.causal_lm:
             from lmtrain.tasks.causal_lm import CausalLMTask
 
-            return CausalLMTask(*args, **common)
+            return CausalLMTask(*args, loss_chunk_tokens=loss_chunk_tokens, **common)
         case TaskKind.masked_lm:
             from lmtrain.data.tokenizers import special_id
             from lmtrain.tasks.masked_lm import MaskedLMTask, VocabTables

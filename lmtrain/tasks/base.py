@@ -55,6 +55,8 @@ class TaskModule(L.LightningModule):
         # Sharding (FSDP2) applied from outside once processes exist: fn(model, trainer, heads).
         self.parallelize: Callable[[torch.nn.Module, L.Trainer, list], None] | None = None
         self._parallelized = False
+        self._sharded_roots: list[torch.nn.Module] = []  # FSDP2 roots, after parallelize
+        self._reseed = True  # decided on fit start (draws_random_numbers)
 
     def on_fit_start(self) -> None:
         # Device-side accumulators, read (a host sync) only on logging steps. Plain attributes, not
@@ -66,6 +68,7 @@ class TaskModule(L.LightningModule):
         self._val_loss_sum, self._val_tokens = zeros(torch.float64), zeros(torch.float64)
         self._step_on_device = torch.zeros((), dtype=torch.int64, device=self.device)
         self._tokens = zeros(torch.float64)
+        self._reseed = self.draws_random_numbers()
 
     # -- LM validation, per source of the data (causal_lm, masked_lm) ---------------------------
     def start_source_val(self) -> None:
@@ -105,6 +108,9 @@ class TaskModule(L.LightningModule):
         if self.parallelize is not None and not self._parallelized:
             self.parallelize(self.model, self.trainer, self.head_modules())
             self._parallelized = True
+            from torch.distributed.fsdp import FSDPModule
+
+            self._sharded_roots = [m for m in (self.model, *self.head_modules()) if isinstance(m, FSDPModule)]
 
     def head_modules(self) -> list[torch.nn.Module]:
         """Trainable modules outside `self.model` (task heads): FSDP shards them as units of their own."""
@@ -134,10 +140,23 @@ class TaskModule(L.LightningModule):
     # -- training ----------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         maybe_crash(self.global_rank, self.global_step)
-        seed = step_seed(self.seed, self.global_step, batch_idx % self.accumulate, self.global_rank)
-        torch.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
+        if self._reseed:
+            seed = step_seed(self.seed, self.global_step, batch_idx % self.accumulate, self.global_rank)
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+        if self.accumulate > 1 and self._sharded_roots:
+            # FSDP2 reduce-scatters gradients only after the last micro batch of a step; the others
+            # accumulate unsharded gradients locally (Lightning skips the sync for DDP only).
+            last = (batch_idx + 1) % self.accumulate == 0
+            for module in self._sharded_roots:
+                module.set_requires_gradient_sync(last)
+
+    def draws_random_numbers(self) -> bool:
+        """Whether a training step uses the RNGs (dropout; masked_lm's masking overrides this): only then
+        is every micro batch reseeded from (seed, step, micro step, rank) for an exact resume (a
+        torch.manual_seed also reseeds every CUDA device, a cost not worth paying for nothing)."""
+        return self.model_cfg.dropout > 0 or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.modules())
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self.training_loss(batch)

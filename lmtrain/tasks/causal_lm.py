@@ -13,7 +13,13 @@ __all__ = ["CausalLMTask", "gather_rank_states", "restore_rng_state", "step_seed
 
 
 class CausalLMTask(TaskModule):
-    """Batches are packed windows (B, T + 1) int64: inputs [:, :-1], targets [:, 1:]."""
+    """Batches are packed windows (B, T + 1) int64: inputs [:, :-1], targets [:, 1:].
+    loss_chunk_tokens > 0: the training loss is computed that many tokens at a time (see
+    `Transformer.chunked_loss_sum`)."""
+
+    def __init__(self, *args, loss_chunk_tokens: int = 0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.loss_chunk_tokens = loss_chunk_tokens
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -24,7 +30,10 @@ class CausalLMTask(TaskModule):
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
 
     def training_loss(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.compute_loss(batch)
+        if not self.loss_chunk_tokens:
+            return self.compute_loss(batch)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        return self.model(inputs, targets=targets, loss_chunk=self.loss_chunk_tokens) / targets.numel()
 
     def on_validation_epoch_start(self) -> None:
         self.start_source_val()

@@ -89,6 +89,9 @@ class MaskedLMTask(TaskModule):
         for name in ("special", "starts_space", "ends_space", "random_ids"):
             self.register_buffer(f"_{name}", getattr(vocab, name), persistent=False)
 
+    def draws_random_numbers(self) -> bool:
+        return True  # the masking
+
     def masked(self, ids: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         return mask_tokens(ids, self.task_cfg, mask_id=self.mask_id, special=self._special, random_ids=self._random_ids,
                            starts_space=self._starts_space, ends_space=self._ends_space, generator=generator)

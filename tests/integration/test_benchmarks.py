@@ -38,3 +38,9 @@ def test_prepare_benchmark_prints_its_ratio(tmp_path):
     corpus = write_corpus(tmp_path / "text")
     out = run_benchmark("prepare.py", "--paths", str(corpus), "--vocab-size", "300", cwd=tmp_path)
     assert re.search(r"per core: [\d.]+ MB/s; all \d+ cores: [\d.]+ MB/s; ratio [\d.]+x", out), out[-2000:]
+
+
+def test_loss_memory_benchmark_prints_its_ratio(tmp_path):
+    out = run_benchmark("loss_memory.py", "--vocab", "5000", "--d-model", "64", "--tokens", "2048", "--chunk", "256",
+                        cwd=tmp_path)
+    assert re.search(r"plain \d+ MB \| chunked \(256 tokens\) \d+ MB \| ratio chunked/plain [\d.]+ \| loss diff", out), out

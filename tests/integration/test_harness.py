@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lmtrain_testing import OBJECTS, SUBJECTS, TINY_TRAIN, VERBS, train_in_process
+from lmtrain.checkpoint import resolve_checkpoint
 
 pytest.importorskip("lm_eval", reason="lm-eval is in the hf extra (make test installs it)")
 pytestmark = pytest.mark.slow
@@ -67,7 +68,7 @@ def test_harness_scores_equal_lmtrains_own_loglikelihoods_and_generation(lm, tmp
                 "batch_size=7"])
     assert proc.returncode == 0, proc.stderr
     assert "|lmtrain_mc" in proc.stdout and "acc" in proc.stdout  # lm-eval's own table
-    saved = json.loads((lm.resolve().parent.parent / "harness" / f"{lm.resolve().stem}.json").read_text())
+    saved = json.loads((lm.parent.parent / "harness" / f"{resolve_checkpoint(lm).stem}.json").read_text())
     scores = saved["scores"]
 
     model, record = load_model(lm, "cpu")
