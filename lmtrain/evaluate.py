@@ -31,11 +31,19 @@ def run(cfg: EvalConfig) -> dict[str, float]:
 @torch.no_grad()
 def evaluate_causal_lm(cfg: EvalConfig) -> dict[str, float]:
     trained = load_trained(cfg.ckpt, cfg.device)
-    model, run_record = trained.model, trained.run
-    data_dir = run_record.data_dir
-    if data_dir is None:
+    run_record = trained.run
+    if run_record.data_dir is None:
         raise ValueError(f"checkpoint {cfg.ckpt} names no prepared data (its run was not pretraining), so there is no "
                          "val split to evaluate it on")
+    if run_record.data.sources:  # a mixture: each source's val split, and their weighted mean
+        return evaluate_mixture(cfg, trained)
+    return evaluate_prepared(cfg, trained, run_record.data_dir)
+
+
+def evaluate_prepared(cfg: EvalConfig, trained, data_dir: Path, name: str | None = None) -> dict[str, float]:
+    """Loss, perplexity and bits per byte on the val split of one prepared dataset (keys val/<name>/...
+    when a mixture's source is named)."""
+    model, run_record = trained.model, trained.run
     prepared = load_prepared(data_dir)
     meta = prepared.meta
     if meta.tokenizer_hash != run_record.tokenizer_hash:
@@ -57,21 +65,37 @@ def evaluate_causal_lm(cfg: EvalConfig) -> dict[str, float]:
         if unk_id is not None:
             unk_targets += int((batch[:, 1:] == unk_id).sum())
     loss = loss_sum / tokens
+    key = "val/" if name is None else f"val/{name}/"
     result = {
-        "val/loss": loss,
-        "val/ppl": math.exp(min(loss, 50.0)),
-        "val/bpb": loss / math.log(2) * meta.n_val_tokens / max(1, meta.val_bytes),
-        "val/tokens": float(tokens),
+        f"{key}loss": loss,
+        f"{key}ppl": math.exp(min(loss, 50.0)),
+        f"{key}bpb": loss / math.log(2) * meta.n_val_tokens / max(1, meta.val_bytes),
+        f"{key}tokens": float(tokens),
     }
-    print(f"{cfg.ckpt}: val loss {loss:.4f} | ppl {result['val/ppl']:.2f} | {result['val/bpb']:.4f} bits/byte "
+    what = cfg.ckpt if name is None else f"{cfg.ckpt} [{name}]"
+    print(f"{what}: val loss {loss:.4f} | ppl {result[f'{key}ppl']:.2f} | {result[f'{key}bpb']:.4f} bits/byte "
           f"| {tokens:,} tokens ({n_windows} windows of {seq_len})", flush=True)
     if unk_id is not None:
         # One token per word and one eos per document (a line, for WikiText): the token-level perplexity
         # is the word-level one as PyTorch's word_language_model reports it. <unk> words are predicted
         # as one class, so it is comparable only between runs with the same vocabulary.
-        result["val/word_ppl"] = result["val/ppl"]
-        result["val/unk_rate"] = unk_targets / tokens
-        print(f"{cfg.ckpt}: val/word_ppl {result['val/word_ppl']:.2f} over {tokens:,} words and eos "
-              f"({result['val/unk_rate']:.2%} of them {tokenizer.unk_token}, vocabulary {tokenizer.vocab_size:,})",
+        result[f"{key}word_ppl"] = result[f"{key}ppl"]
+        result[f"{key}unk_rate"] = unk_targets / tokens
+        print(f"{what}: val/word_ppl {result[f'{key}word_ppl']:.2f} over {tokens:,} words and eos "
+              f"({result[f'{key}unk_rate']:.2%} of them {tokenizer.unk_token}, vocabulary {tokenizer.vocab_size:,})",
               flush=True)
+    return result
+
+
+def evaluate_mixture(cfg: EvalConfig, trained) -> dict[str, float]:
+    """Each source's val metrics (val/<source>/...) and val/loss, their mean weighted as in training."""
+    sources = trained.run.data.sources
+    total = sum(source.weight for source in sources)
+    result: dict[str, float] = {}
+    for source in sources:
+        result.update(evaluate_prepared(cfg, trained, Path(source.prepared).expanduser(), name=source.name))
+    result["val/loss"] = sum(source.weight / total * result[f"val/{source.name}/loss"] for source in sources)
+    result["val/ppl"] = math.exp(min(result["val/loss"], 50.0))
+    print(f"{cfg.ckpt}: val loss {result['val/loss']:.4f} (mixture-weighted over "
+          f"{', '.join(f'{s.name} {s.weight / total:.1%}' for s in sources)})", flush=True)
     return result

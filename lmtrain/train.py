@@ -285,11 +285,20 @@ def build_trainer(cfg: TrainConfig, task: TaskModule, run_dir: Path, inputs: Run
         logger=build_loggers(cfg.logger, run_dir, record=record, wandb_run_id=task.record["wandb_run_id"],
                              resume_step=resume_step),
         enable_checkpointing=False, callbacks=[metrics, *([checkpoints] if tcfg.checkpoint else []), *views, *cluster_callbacks,
-                   *collective_counter()],
+                   *collective_counter(), *peer_watchdog(cfg)],
         plugins=[AtomicCheckpointIO(), *plugins], enable_progress_bar=progress_bar, enable_model_summary=False,
         default_root_dir=run_dir, log_every_n_steps=tcfg.log_every_steps,
     )
     return trainer, metrics
+
+
+def peer_watchdog(cfg: TrainConfig) -> list:
+    """[the watchdog] when several ranks train and strategy.peer_timeout_s is on."""
+    if cfg.trainer.world_size < 2 or not cfg.strategy.peer_timeout_s:
+        return []
+    from lmtrain.distributed.watchdog import PeerWatchdog
+
+    return [PeerWatchdog(cfg.strategy.peer_timeout_s)]
 
 
 def build_view_callbacks(cfg: TrainConfig, run_dir: Path, inputs: RunInputs) -> list:

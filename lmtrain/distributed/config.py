@@ -31,6 +31,9 @@ class StrategyConfig:
     """DDP: only for models with parameters that some steps do not use."""
     timeout_s: int = 1800
     """Collective timeout: a rank that never arrives ends the job instead of hanging it."""
+    peer_timeout_s: int = 60
+    """A rank not heard from for this long (its node died, froze or lost the network) ends every other
+    rank at once, instead of strategy.timeout_s later (lmtrain.distributed.watchdog); 0 = off."""
     reduce_bucket_size: int = 200_000_000
     """DeepSpeed: elements per gradient reduce bucket."""
     allgather_bucket_size: int = 200_000_000
@@ -48,6 +51,8 @@ class StrategyConfig:
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:
             raise ValueError(f"strategy.timeout_s={self.timeout_s} must be > 0")
+        if self.peer_timeout_s < 0:
+            raise ValueError(f"strategy.peer_timeout_s={self.peer_timeout_s} must be >= 0 (0 turns the watchdog off)")
         for name in ("reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"strategy.{name}={getattr(self, name)} must be > 0")

@@ -1,12 +1,15 @@
 """DDP over gloo with real processes: the same optimization as one rank, exact resume after a
-SIGKILL, resharding 2 ranks -> 1, two "nodes" on localhost, and no hang when a rank crashes."""
+SIGKILL, resharding 2 ranks -> 1, two "nodes" on localhost, and no hang when a rank crashes or a
+node freezes."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -159,3 +162,33 @@ def test_a_crashed_rank_ends_the_job_nonzero_without_hanging(prepared, tmp_path)
                    stall_s=stall_s)
     assert proc.returncode != 0
     assert "injected crash of rank 1 at step 3" in proc.stdout + proc.stderr
+
+
+def test_a_frozen_node_ends_the_job_within_the_peer_timeout(prepared, tmp_path):
+    """Node 1 freezes (SIGSTOP: its sockets stay open, as with a lost node or a partition) while node 0
+    waits for it in a collective whose own timeout is 50 min: node 0's watchdog ends it after
+    strategy.peer_timeout_s of silence, naming the silent rank."""
+    port = str(free_port())
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
+    procs = [
+        subprocess.Popen([str(REPO / "launch" / "multinode.sh"), "--nodes", "2", "--node-rank", str(rank), "--master",
+                          "127.0.0.1", "--port", port, "--run-name", "frozen", "--", sys.executable, "-m", "lmtrain", "train",
+                          *prepared, *TINY_TRAIN, *COMMON, "trainer.devices=1", "trainer.micro_batch_size=2",
+                          "strategy.timeout_s=3000", "strategy.peer_timeout_s=10"],
+                         cwd=tmp_path, env={**os.environ, **CHILD_ENV, **({"LMTRAIN_FAULT": "hold:3"} if rank else {})},
+                         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        for rank, log in enumerate(logs)
+    ]
+    try:
+        wait_for(lambda: "holding after step 3" in logs[1].read_text(), what="node 1 to hold after step 3",
+                 progress=lambda: tree_signature(logs))
+        os.killpg(procs[1].pid, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        wait_for(lambda: procs[0].poll() is not None, what="node 0 to end", progress=lambda: tree_signature(logs))
+        print(f"node 0 ended {time.monotonic() - frozen_at:.1f} s after node 1 froze")  # reported, not asserted
+    finally:
+        for p in procs:
+            kill_tree(p)
+    out = logs[0].read_text()
+    assert procs[0].returncode != 0, out[-3000:]
+    assert "rank 1 (" in out and "has not been heard from for" in out and "strategy.peer_timeout_s=10" in out, out[-3000:]

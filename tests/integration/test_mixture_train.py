@@ -53,6 +53,13 @@ def test_validation_reports_each_source_and_the_weighted_mean(sources, tmp_path,
         assert row["val/loss"] == pytest.approx(0.75 * row["val/web/loss"] + 0.25 * row["val/moods/loss"], rel=1e-9)
         assert row["val/web/loss"] != row["val/moods/loss"]
         assert row["val/ppl"] == pytest.approx(math.exp(row["val/loss"]))
+    # lmtrain eval of the checkpoint: the same subset of each source (2 batches of 4 windows), the same numbers
+    from lmtrain.config import EvalConfig
+    from lmtrain.evaluate import run as evaluate
+
+    result = evaluate(EvalConfig(ckpt=str(run_dir / "checkpoints" / "last.ckpt"), device="cpu", val_batches=2))
+    for key in ("val/web/loss", "val/moods/loss", "val/loss"):
+        assert result[key] == pytest.approx(rows[-1][key], rel=1e-5), key
     out = capsys.readouterr().out
     assert "mixture: web 75.0% (" in out and "moods 25.0% (" in out
     assert "mixture-weighted" in out
