@@ -61,10 +61,6 @@ class LMDataModule(L.LightningDataModule):
         for source in sources:
             check_split_sizes(source.train_windows(seq_len), len(source.val), seq_len, source.directory)
 
-    @property
-    def prepared_dir(self) -> Path:
-        return self.sources[0].directory
-
     def sampler(self):
         if not self.mixture:
             source = self.sources[0]
