@@ -21,8 +21,8 @@ import yaml
 
 from lmtrain.callbacks.checkpoint import StepCheckpoint
 from lmtrain.callbacks.collectives import collective_counter
-from lmtrain.callbacks.requeue import RequeueExit, RequeueOnSignal
 from lmtrain.callbacks.step_metrics import StepMetrics
+from lmtrain.callbacks.stop import RequeueExit, StopOnSignal
 from lmtrain.checkpoint import (
     AtomicCheckpointIO,
     Layout,
@@ -221,7 +221,7 @@ def fit(trainer: L.Trainer, task: TaskModule, inputs: RunInputs, ckpt_path: Path
     max_steps = trainer.max_steps
     try:
         trainer.fit(task, datamodule=inputs.datamodule, ckpt_path=ckpt_path, weights_only=True)
-    except SIGTERMException:  # Lightning stops at the next batch boundary after a SIGTERM
+    except SIGTERMException:  # StopOnSignal: saved and stopped at the step boundary the ranks agreed on
         raise SystemExit(report_stop("SIGTERM", trainer.global_step, max_steps, run_dir, 128 + signal.SIGTERM)) from None
     except SystemExit as e:
         if isinstance(e, RequeueExit) or e.code != 1 or not trainer.interrupted:
@@ -323,17 +323,16 @@ def build_view_callbacks(cfg: TrainConfig, run_dir: Path, inputs: RunInputs) -> 
 
 
 def build_cluster_hooks(checkpoints: StepCheckpoint | None) -> tuple[list, list]:
-    """Under srun: lmtrain's own requeue-on-signal (save outside the signal handler, at a step
-    boundary) instead of Lightning's, which saves inside the handler."""
+    """Stopping on SIGTERM at an agreed step boundary, and under srun lmtrain's own requeue-on-signal
+    (save outside the signal handler, at a step boundary) instead of Lightning's, which saves inside
+    the handler."""
     if not (in_slurm_job() and "SLURM_STEP_ID" in os.environ):
-        return [], []
+        return [StopOnSignal(checkpoints, requeue_signum=None)], []
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    plugins = [SLURMEnvironment(auto_requeue=False)]
-    if checkpoints is None:
-        return [], plugins
     max_requeues = int(os.environ.get("LMTRAIN_MAX_REQUEUES", "50"))
-    return [RequeueOnSignal(checkpoints, signum=requeue_signal(), max_requeues=max_requeues)], plugins
+    requeue_signum = requeue_signal() if checkpoints is not None else None
+    return [StopOnSignal(checkpoints, requeue_signum=requeue_signum, max_requeues=max_requeues)], [SLURMEnvironment(auto_requeue=False)]
 
 
 def setup_fsdp(task: TaskModule, scfg, tcfg: TrainerConfig, precision: str, on_cpu: bool) -> str:

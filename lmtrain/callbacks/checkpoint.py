@@ -43,7 +43,7 @@ class StepCheckpoint(L.Callback):
         step = trainer.global_step
         if step % self.every_n_steps == 0 and step != self.last_saved_step:
             self.save(trainer)
-        maybe_hold(step, released=lambda: trainer.received_sigterm)
+        maybe_hold(step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step != self.last_saved_step:

@@ -3,7 +3,8 @@ per rank, into <dir>/collectives-rank<R>.jsonl ({"step": s, "<collective>": n, .
 
 A debugging aid for "what does one step cost in communication": it wraps the Python-level functions
 of `torch.distributed` that Lightning, FSDP2 and lmtrain call (all_reduce, broadcast,
-reduce_scatter_single, all_gather_single, ...). Collectives issued from C++ (DDP's gradient buckets,
+reduce_scatter_single, all_gather_single, ...); one started with async_op=True (nobody waits for it
+there) counts as "<name>_async". Collectives issued from C++ (DDP's gradient buckets,
 DeepSpeed's own communication layer) do not pass through them and are not counted.
 """
 
@@ -44,7 +45,7 @@ class CollectiveCounter(L.Callback):
     def _counted(self, name: str, original):
         @functools.wraps(original)
         def counted(*args, **kwargs):
-            self.counts[name] += 1
+            self.counts[name + ("_async" if kwargs.get("async_op") else "")] += 1
             return original(*args, **kwargs)
 
         return counted

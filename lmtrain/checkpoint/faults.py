@@ -53,13 +53,14 @@ def maybe_crash(rank: int, step: int) -> None:
         raise RuntimeError(f"{FAULT_ENV}: injected crash of rank {rank} at step {step}")
 
 
-def maybe_hold(step: int, *, released=lambda: False) -> None:
-    """The `hold` fault; `released()` ends the hold early too (a SIGTERM the trainer received)."""
+def maybe_hold(step: int) -> None:
+    """The `hold` fault: wait for the requeue signal or a SIGTERM (both only recorded by their handlers)."""
     if fault_step("hold") != step or int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:
         return
     from lmtrain.distributed.preemption import received, requeue_signal
 
-    signum = requeue_signal()
-    print(f"{FAULT_ENV}: holding after step {step} until {signal.Signals(signum).name}", file=sys.stderr, flush=True)
-    while not (received(signum) or released()):
+    signums = (requeue_signal(), signal.SIGTERM)
+    print(f"{FAULT_ENV}: holding after step {step} until {' or '.join(signal.Signals(s).name for s in signums)} "
+          f"(pid {os.getpid()})", file=sys.stderr, flush=True)
+    while not any(received(s) for s in signums):
         time.sleep(0.05)

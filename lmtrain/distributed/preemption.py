@@ -1,8 +1,9 @@
-"""The requeue signal, caught from the first moment of the process.
+"""Stop signals, caught from the first moment of the process and only recorded.
 
 SLURM may signal a job while it is still importing torch; the default action of SIGUSR1 is to
-terminate, so the handler is installed by the CLI before any heavy import, and only records the
-signal. RequeueOnSignal acts on it at the next optimizer-step boundary.
+terminate, so the requeue signal's handler is installed by the CLI before any heavy import.
+SIGTERM's is installed once training runs (lmtrain.callbacks.stop), replacing Lightning's. Both act
+at the next optimizer-step boundary the ranks agree on.
 """
 
 from __future__ import annotations

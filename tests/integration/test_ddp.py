@@ -5,6 +5,7 @@ node freezes."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -192,3 +193,39 @@ def test_a_frozen_node_ends_the_job_within_the_peer_timeout(prepared, tmp_path):
     out = logs[0].read_text()
     assert procs[0].returncode != 0, out[-3000:]
     assert "rank 1 (" in out and "has not been heard from for" in out and "strategy.peer_timeout_s=10" in out, out[-3000:]
+
+
+def test_a_sigterm_to_one_rank_stops_every_rank_at_one_step_with_a_checkpoint(prepared, tmp_path):
+    """SIGTERM reaches rank 1 only (node 1 of two "nodes" on localhost, held after step 3 until it comes):
+    both ranks agree on it at a step boundary, save that step and exit 143; the run resumes from it."""
+    port = str(free_port())
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
+    args = [*prepared, *TINY_TRAIN, *COMMON, "trainer.devices=1", "trainer.micro_batch_size=2", "trainer.ckpt_every_steps=100",
+            "run_name=stopped"]
+    procs = [
+        subprocess.Popen([str(REPO / "launch" / "multinode.sh"), "--nodes", "2", "--node-rank", str(rank), "--master",
+                          "127.0.0.1", "--port", port, "--run-name", "stopped", "--", sys.executable, "-m", "lmtrain", "train",
+                          *args],
+                         cwd=tmp_path, env={**os.environ, **CHILD_ENV, **({"LMTRAIN_FAULT": "hold:3"} if rank else {})},
+                         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        for rank, log in enumerate(logs)
+    ]
+    try:
+        wait_for(lambda: "holding after step 3" in logs[1].read_text(), what="node 1 to hold after step 3",
+                 progress=lambda: tree_signature(logs))
+        held = re.search(r"holding after step 3 until .* \(pid (\d+)\)", logs[1].read_text())
+        os.kill(int(held.group(1)), signal.SIGTERM)  # the training process of rank 1, not its launcher
+        wait_for(lambda: all(p.poll() is not None for p in procs), what="both nodes to exit",
+                 progress=lambda: tree_signature(logs))
+    finally:
+        for p in procs:
+            kill_tree(p)
+    outs = [log.read_text() for log in logs]
+    assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, outs[0][-3000:] + outs[1][-3000:]
+    stop = re.search(r"SIGTERM received: saving at step (\d+), then stopping", outs[0])
+    assert stop, outs[0][-3000:]
+    step = int(stop.group(1))
+    assert step in (3, 4)  # agreed within one step of the signal
+    run_dir = tmp_path / "runs" / "stopped"
+    assert f"stopped by SIGTERM at step {step} of 12; the newest checkpoint is step {step}" in outs[0]
+    assert torch.load(resolve_checkpoint(run_dir / "checkpoints" / "last.ckpt"), weights_only=True)["global_step"] == step

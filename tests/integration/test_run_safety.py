@@ -41,7 +41,8 @@ def test_a_second_writer_is_refused_and_a_stopped_run_says_where_it_stopped(prep
             "trainer.val_every_steps=100", "run_name=shared"]
     run_dir = tmp_path / "runs" / "shared"
     log = tmp_path / "first.log"
-    # The first run stops after step 3 (a checkpoint at 2, step 3 logged) until it gets a SIGTERM.
+    # The first run stops after step 3 (a checkpoint at 2, step 3 logged) until it gets a SIGTERM, then
+    # saves step 3 and stops.
     first = start_cli(args, cwd=tmp_path, env={"LMTRAIN_FAULT": "hold:3"}, log=log)
     try:
         wait_for(lambda: "holding after step 3" in log.read_text() or first.poll() is not None,
@@ -61,10 +62,11 @@ def test_a_second_writer_is_refused_and_a_stopped_run_says_where_it_stopped(prep
             first.kill()
     out = log.read_text()
     assert first.returncode == 128 + signal.SIGTERM, out[-3000:]
-    assert "stopped by SIGTERM at step 3 of 8; the newest checkpoint is step 2" in out and "run_name=shared" in out
+    assert "SIGTERM received: saving at step 3, then stopping" in out
+    assert "stopped by SIGTERM at step 3 of 8; the newest checkpoint is step 3" in out and "run_name=shared" in out
 
     resumed = run_cli(args, cwd=tmp_path)  # the lock died with its owner
-    assert "step-00000002.ckpt" in resumed.stdout and "trained to step 8" in resumed.stdout
+    assert "step-00000003.ckpt" in resumed.stdout and "trained to step 8" in resumed.stdout
     steps = [row["step"] for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "train/loss" in row]
     assert steps == list(range(1, 9))  # step 3 of the stopped attempt is not in the record twice
 

@@ -4,6 +4,7 @@ submission, and a job whose rank dies."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -74,7 +75,8 @@ def test_preemption_requeues_and_resumes_exactly(slurm_cluster, prepared, tmp_pa
     follow_to_completion(slurm_cluster, job, run_dir)
     log = log_of(run_dir, job)
     assert slurm_cluster.job(job).get("Restarts") == "1"
-    assert "USR1 received: saving at step 5" in log and "requeued job" in log and "resuming from" in log
+    # 2 ranks agree on the signal one step after it arrived (no blocking collective per step)
+    assert re.search(r"USR1 received: saving at step [56],", log) and "requeued job" in log and "resuming from" in log
     ref, got = losses_by_step(ref_dir), losses_by_step(run_dir)
     assert [got[s] for s in range(1, steps + 1)] == [ref[s] for s in range(1, steps + 1)]  # bitwise
     assert_one_wandb_run(run_dir, attempts=2)
@@ -160,4 +162,5 @@ def test_a_second_job_on_a_live_run_dir_is_refused(slurm_cluster, prepared, tmp_
     assert slurm_cluster.state(first) == "RUNNING"  # the first job goes on
     slurm_cluster.run("scancel", first)
     assert slurm_cluster.wait(first, watch=[run_dir]) in ("CANCELLED", "FAILED", "COMPLETED")
-    assert sorted(losses_by_step(run_dir)) == [1, 2, 3]  # only the first job ever trained here
+    # Only the first job ever trained here: held at step 3, SIGTERM, saved one step later at most.
+    assert sorted(losses_by_step(run_dir)) in ([1, 2, 3], [1, 2, 3, 4])
