@@ -92,7 +92,8 @@ def split_decay_groups(model: nn.Module, weight_decay: float, *, lr: float | Non
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))  # a tied weight appears once
-        decays = p.ndim >= 2 and id(p) not in embedding_ids
+        shape = getattr(p, "ds_shape", p.shape)  # a ZeRO-3 partitioned parameter's data is empty; ds_shape is its own
+        decays = len(shape) >= 2 and id(p) not in embedding_ids
         depth = depth_of(name) if depth_of else 0
         groups.setdefault((depth, decays), []).append(p)
     result = []

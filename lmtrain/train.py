@@ -6,6 +6,7 @@ resumes from the newest valid checkpoint of the run, trains, and prints a summar
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import signal
@@ -38,13 +39,12 @@ from lmtrain.checkpoint.owner import RunDirOwner
 from lmtrain.config import TrainConfig, TrainerConfig
 from lmtrain.data.shards import TokenSpace
 from lmtrain.data.tokenizers import TOKENIZER_FILE, load_tokenizer
-from lmtrain.distributed.parallelize import apply_activation_checkpointing, apply_compile
+from lmtrain.distributed.parallelize import ParallelPlan, build_plan, on_cpu, resolve_precision
 from lmtrain.distributed.preemption import requeue_signal
 from lmtrain.distributed.rank import is_rank_zero, quiet_third_party_hints, say
 from lmtrain.distributed.slurm_env import check_slurm_environment, in_slurm_job
-from lmtrain.distributed.config import ShardingKind, StrategyKind
-from lmtrain.distributed.fsdp import apply_fsdp, build_fsdp_mesh
-from lmtrain.distributed.strategy import build_strategy, resolve_kind
+from lmtrain.distributed.config import Family
+from lmtrain.distributed.strategy import build_strategy
 from lmtrain.inference import sample_text
 from lmtrain.loggers import build_loggers, load_wandb_state, new_wandb_run_id
 from lmtrain.tasks.base import TaskModule
@@ -63,13 +63,6 @@ from lmtrain.train_inputs import (
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 
-def resolve_precision(trainer: TrainerConfig) -> str:
-    if trainer.precision != "auto":
-        return trainer.precision
-    on_gpu = trainer.accelerator in ("gpu", "cuda") or (trainer.accelerator == "auto" and torch.cuda.is_available())
-    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
-
-
 def peak_flops(trainer: TrainerConfig) -> float | None:
     if trainer.peak_flops_per_device:
         return trainer.peak_flops_per_device
@@ -86,14 +79,6 @@ def unigram_entropy(tokens: TokenSpace, vocab_size: int) -> float:
         counts += np.bincount(chunk, minlength=vocab_size)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
-
-
-def strategy_layout(kind: StrategyKind) -> Layout:
-    if kind is StrategyKind.fsdp:
-        return Layout.dcp
-    if kind.name.startswith("deepspeed"):
-        return Layout.deepspeed
-    return Layout.file
 
 
 def choose_checkpoint(cfg: TrainConfig, ckpt_dir: Path, task: TaskModule, layout: Layout) -> Path | None:
@@ -171,8 +156,11 @@ def train(cfg: TrainConfig, record: dict, run_dir: Path, hydra_files: dict[str, 
     check_accelerator(tcfg)
     if warning := cfg.schedule.warmup_warning(tcfg.max_steps):
         say(warning)
-    kind = resolve_kind(cfg.strategy, tcfg.world_size)
-    if kind.name.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+    plan = build_plan(cfg.strategy, tcfg)
+    if cfg.init_from:  # its weights are loaded into the built model before the trainer exists
+        plan = dataclasses.replace(plan, meta_init=False)
+    kind = plan.kind
+    if plan.family is Family.deepspeed and importlib.util.find_spec("deepspeed") is None:
         raise ValueError(f"strategy={kind.name} needs DeepSpeed: pip install 'lmtrain[deepspeed]' (DS_BUILD_OPS=0 needs no compiler)")
     inputs = run_inputs(cfg)
     model_cfg = inputs.model_cfg
@@ -180,8 +168,8 @@ def train(cfg: TrainConfig, record: dict, run_dir: Path, hydra_files: dict[str, 
     record = {**record, "model": model_config_dict(model_cfg)}
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    task = build_task(cfg, inputs, checkpoint_record(record, inputs, kind, tcfg.world_size, cfg.task.kind))
-    ckpt_path = choose_checkpoint(cfg, run_dir / "checkpoints", task, strategy_layout(kind))
+    task = build_task(cfg, inputs, checkpoint_record(record, inputs, kind, tcfg.world_size, cfg.task.kind), plan)
+    ckpt_path = choose_checkpoint(cfg, run_dir / "checkpoints", task, plan.checkpoint_layout)
     resume_step, task.record["wandb_run_id"] = resolve_wandb_run(cfg, run_dir, ckpt_path)
     if check_resume_step(resume_step, tcfg.max_steps, run_dir):
         return
@@ -190,11 +178,7 @@ def train(cfg: TrainConfig, record: dict, run_dir: Path, hydra_files: dict[str, 
     elif cfg.init_from:
         say(f"init_from={cfg.init_from} is not used: the run resumes from its own checkpoint {ckpt_path} "
             "(init_from only starts a new run; choose a new run_name to start from it)")
-    if tcfg.activation_checkpointing:
-        apply_activation_checkpointing(task.model)
-    if tcfg.compile:
-        apply_compile(task.model)
-    trainer, metrics = build_trainer(cfg, task, run_dir, inputs, kind, record=record, resume_step=resume_step)
+    trainer, metrics = build_trainer(cfg, task, run_dir, inputs, plan, record=record, resume_step=resume_step)
     write_run_files(run_dir, record, inputs, hydra_files)
     trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
     say(
@@ -256,18 +240,14 @@ def report_stop(reason: str, step: int, max_steps: int, run_dir: Path, exit_code
     return exit_code
 
 
-def build_trainer(cfg: TrainConfig, task: TaskModule, run_dir: Path, inputs: RunInputs, kind: StrategyKind, *,
+def build_trainer(cfg: TrainConfig, task: TaskModule, run_dir: Path, inputs: RunInputs, plan: ParallelPlan, *,
                   record: dict, resume_step: int) -> tuple[L.Trainer, StepMetrics]:
     tcfg = cfg.trainer
-    on_cpu = tcfg.accelerator == "cpu" or (tcfg.accelerator == "auto" and not torch.cuda.is_available())
     strategy = build_strategy(cfg.strategy, world_size=tcfg.world_size, devices_per_node=tcfg.devices,
-                              micro_batch_size=tcfg.micro_batch_size, grad_clip=tcfg.grad_clip, on_cpu=on_cpu)
-    precision = resolve_precision(tcfg)
-    if kind is StrategyKind.fsdp:
-        precision = setup_fsdp(task, cfg.strategy, tcfg, precision, on_cpu)
+                              micro_batch_size=tcfg.micro_batch_size, grad_clip=tcfg.grad_clip, on_cpu=on_cpu(tcfg))
     progress_bar = sys.stdout.isatty() if tcfg.progress_bar is None else tcfg.progress_bar
     checkpoints = StepCheckpoint(run_dir / "checkpoints", every_n_steps=tcfg.ckpt_every_steps,
-                                 keep_last=tcfg.keep_last_checkpoints)
+                                 keep_last=tcfg.keep_last_checkpoints, layout=plan.checkpoint_layout)
     cluster_callbacks, plugins = build_cluster_hooks(checkpoints if tcfg.checkpoint else None)
     metrics = StepMetrics(
         log_every_steps=tcfg.log_every_steps, max_steps=tcfg.max_steps,
@@ -279,7 +259,7 @@ def build_trainer(cfg: TrainConfig, task: TaskModule, run_dir: Path, inputs: Run
     views = build_view_callbacks(cfg, run_dir, inputs)
     trainer = L.Trainer(
         accelerator=tcfg.accelerator, devices=tcfg.devices, num_nodes=tcfg.num_nodes, strategy=strategy,
-        precision=precision, max_steps=tcfg.max_steps, max_epochs=-1, accumulate_grad_batches=accumulate,
+        precision=plan.precision, max_steps=tcfg.max_steps, max_epochs=-1, accumulate_grad_batches=accumulate,
         val_check_interval=tcfg.val_every_steps * accumulate, check_val_every_n_epoch=None, num_sanity_val_steps=0,
         use_distributed_sampler=False,  # our sampler deals disjoint, resumable slices itself
         logger=build_loggers(cfg.logger, run_dir, record=record, wandb_run_id=task.record["wandb_run_id"],
@@ -333,22 +313,6 @@ def build_cluster_hooks(checkpoints: StepCheckpoint | None) -> tuple[list, list]
     max_requeues = int(os.environ.get("LMTRAIN_MAX_REQUEUES", "50"))
     requeue_signum = requeue_signal() if checkpoints is not None else None
     return [StopOnSignal(checkpoints, requeue_signum=requeue_signum, max_requeues=max_requeues)], [SLURMEnvironment(auto_requeue=False)]
-
-
-def setup_fsdp(task: TaskModule, scfg, tcfg: TrainerConfig, precision: str, on_cpu: bool) -> str:
-    """FSDP2 does mixed precision itself (bf16 all-gathers and compute, fp32 master weights and
-    reductions), so Lightning runs "32-true" and the policy carries the bf16."""
-    if precision not in ("32-true", "bf16-mixed", "bf16-true"):
-        raise ValueError(f"strategy=fsdp supports trainer.precision 32-true, bf16-mixed or bf16-true, not {precision}")
-    param_dtype = torch.bfloat16 if precision.startswith("bf16") else None
-
-    def parallelize(model, trainer, heads) -> None:
-        mesh = build_fsdp_mesh(device_type="cpu" if on_cpu else "cuda", world_size=trainer.world_size,
-                               devices_per_node=tcfg.devices, hybrid=scfg.sharding is ShardingKind.hybrid)
-        apply_fsdp(model, mesh, param_dtype=param_dtype, reshard_after_forward=scfg.reshard_after_forward, heads=heads)
-
-    task.parallelize = parallelize
-    return "32-true"
 
 
 def summarize(cfg: TrainConfig, task: TaskModule, metrics: StepMetrics, inputs: RunInputs, seconds: float,

@@ -19,6 +19,7 @@ from lmtrain.data.datamodule import LMDataModule, LMSource, TaskDataModule
 from lmtrain.data.prepare import DatasetMeta, PreparedData, load_prepared, prepared_dir
 from lmtrain.data.tokenizers import TOKENIZER_FILE, ByteTokenizer, Tokenizer, load_tokenizer, special_id
 from lmtrain.distributed.config import StrategyKind
+from lmtrain.distributed.parallelize import ParallelPlan, build_plan
 from lmtrain.distributed.rank import say
 from lmtrain.hf.backbone import hf_spec, load_hf_backbone
 from lmtrain.model.config import Attention, ModelConfig
@@ -287,12 +288,13 @@ def checkpoint_record(record: dict, inputs: RunInputs, kind: StrategyKind, world
     }
 
 
-def build_task(cfg: TrainConfig, inputs: RunInputs, record: dict) -> TaskModule:
+def build_task(cfg: TrainConfig, inputs: RunInputs, record: dict, plan: ParallelPlan | None = None) -> TaskModule:
+    """plan: how the model is parallelized; None = built from cfg.strategy and cfg.trainer."""
     tcfg = cfg.trainer
     return make_task(cfg.task, inputs.model_cfg, cfg.optim, cfg.schedule, tokenizer=inputs.tokenizer,
                      label_names=inputs.task_info.get("label_names"), max_steps=tcfg.max_steps, seed=cfg.seed,
                      grad_clip=tcfg.grad_clip, accumulate=tcfg.accumulation(), record=record,
-                     loss_chunk_tokens=tcfg.loss_chunk_tokens)
+                     loss_chunk_tokens=tcfg.loss_chunk_tokens, plan=plan or build_plan(cfg.strategy, tcfg))
 
 
 def init_weights_from(task: TaskModule, path: str, tokenizer_hash: str) -> None:

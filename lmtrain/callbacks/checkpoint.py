@@ -12,6 +12,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lmtrain.checkpoint.faults import maybe_hold, maybe_kill
 from lmtrain.checkpoint.files import list_step_checkpoints, write_pointer
+from lmtrain.checkpoint.formats import Layout
 from lmtrain.checkpoint.io import TMP_MARKER, fsync_dir
 
 
@@ -25,8 +26,11 @@ def point_last_at(directory: Path, target: Path) -> None:
 
 
 class StepCheckpoint(L.Callback):
-    def __init__(self, directory: Path, *, every_n_steps: int, keep_last: int) -> None:
+    def __init__(self, directory: Path, *, every_n_steps: int, keep_last: int, layout: Layout = Layout.file) -> None:
+        """layout: the strategy's (ParallelPlan.checkpoint_layout); DeepSpeed and FSDP2 (DCP) write a
+        directory of per-rank shards, made whole-or-absent by a rename."""
         self.directory, self.every_n_steps, self.keep_last = Path(directory), every_n_steps, keep_last
+        self.layout = layout
         self.last_saved_step = -1
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -52,7 +56,7 @@ class StepCheckpoint(L.Callback):
     def save(self, trainer: L.Trainer) -> None:
         step = trainer.global_step
         path = self.directory / step_checkpoint_name(step)
-        if writes_directories(trainer.strategy):
+        if self.layout is not Layout.file:
             save_directory_atomically(trainer, path, step)
         else:
             trainer.save_checkpoint(path, weights_only=False)  # every rank takes part; the strategy writes on rank 0
@@ -64,11 +68,6 @@ class StepCheckpoint(L.Callback):
             rank_zero_info(f"checkpoint: {path}")
         trainer.strategy.barrier("lmtrain_checkpoint")
         maybe_kill("kill_after_checkpoint", step)
-
-
-def writes_directories(strategy) -> bool:
-    """DeepSpeed and FSDP2 (distributed checkpoint) write one directory of per-rank shards."""
-    return type(strategy).__name__.endswith(("DeepSpeedStrategy", "ModelParallelStrategy"))
 
 
 def remove_path(path: Path) -> None:

@@ -5,6 +5,17 @@ from enum import Enum
 from typing import Optional
 
 
+class Family(Enum):
+    """Who holds the model and runs the step."""
+
+    replicated = "replicated"
+    """One process, or DDP: every rank holds the whole model; torch's optimizer; autocast mixed precision."""
+    deepspeed = "deepspeed"
+    """DeepSpeed's engine: 16-bit model, fp32 master weights in its optimizer, clipping inside the engine."""
+    fsdp = "fsdp"
+    """FSDP2: sharded fp32 weights, mixed precision by its own policy (Lightning runs 32-true)."""
+
+
 class StrategyKind(Enum):
     auto = "auto"
     single = "single"
@@ -14,6 +25,35 @@ class StrategyKind(Enum):
     deepspeed_zero3 = "deepspeed_zero3"
     deepspeed_zero3_offload = "deepspeed_zero3_offload"
     fsdp = "fsdp"
+
+    # What each strategy is, asked of the kind, never matched on names elsewhere.
+    @property
+    def family(self) -> Family:
+        if self.zero_stage is not None:
+            return Family.deepspeed
+        return Family.fsdp if self is StrategyKind.fsdp else Family.replicated
+
+    @property
+    def zero_stage(self) -> int | None:
+        return {StrategyKind.deepspeed_zero1: 1, StrategyKind.deepspeed_zero2: 2, StrategyKind.deepspeed_zero3: 3,
+                StrategyKind.deepspeed_zero3_offload: 3}.get(self)
+
+    @property
+    def shards_parameters(self) -> bool:
+        """No rank ever holds every parameter (FSDP, ZeRO-3): the model can be built without them (meta init)."""
+        return self is StrategyKind.fsdp or self.zero_stage == 3
+
+    @property
+    def engine_clips(self) -> bool:
+        """The engine clips gradients itself (DeepSpeed's gradient_clipping), not the task."""
+        return self.family is Family.deepspeed
+
+    @property
+    def checkpoint_layout(self):
+        """lmtrain.checkpoint.Layout: one file (replicated), DeepSpeed's directory, or a DCP directory (FSDP2)."""
+        from lmtrain.checkpoint.formats import Layout
+
+        return {Family.replicated: Layout.file, Family.deepspeed: Layout.deepspeed, Family.fsdp: Layout.dcp}[self.family]
 
 
 class ShardingKind(Enum):
@@ -47,6 +87,9 @@ class StrategyConfig:
     """FSDP: full or hybrid sharding."""
     reshard_after_forward: bool = True
     """FSDP: free gathered parameters after forward (less memory, one more all-gather in backward)."""
+    meta_init: bool = True
+    """FSDP and ZeRO-3: build the model on the meta device, shard it, then initialise each rank's shards
+    (the same weights as an unsharded build, without any rank ever holding the whole fp32 model)."""
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:
@@ -59,5 +102,4 @@ class StrategyConfig:
 
     @property
     def zero_stage(self) -> int | None:
-        return {StrategyKind.deepspeed_zero1: 1, StrategyKind.deepspeed_zero2: 2, StrategyKind.deepspeed_zero3: 3,
-                StrategyKind.deepspeed_zero3_offload: 3}.get(self.kind)
+        return self.kind.zero_stage

@@ -17,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.strategies.ddp import DDPStrategy
 
@@ -82,7 +83,7 @@ class CPUCapableDeepSpeedStrategy(DeepSpeedStrategy):
     """DeepSpeedStrategy that also accepts Lightning's CPU accelerator."""
 
     def _on_cpu(self) -> bool:
-        return self.accelerator is not None and type(self.accelerator).__name__ == "CPUAccelerator"
+        return isinstance(self.accelerator, CPUAccelerator)
 
     def setup_environment(self) -> None:
         if not self._on_cpu():
@@ -111,3 +112,23 @@ def build_deepspeed_strategy(cfg: StrategyConfig, *, micro_batch_size: int, grad
     config = build_deepspeed_config(cfg, micro_batch_size=micro_batch_size, grad_clip=grad_clip, on_cpu=on_cpu)
     return CPUCapableDeepSpeedStrategy(config=config, timeout=timedelta(seconds=cfg.timeout_s),
                                        process_group_backend="gloo" if on_cpu else None)
+
+
+@torch.no_grad()
+def init_zero3_partitions(model, seed: int) -> None:
+    """Transformer.init_weights for a model built under deepspeed.zero.Init: each rank fills only its
+    partition (DeepSpeed's layout: the flattened tensor cut into equal slices by rank) from the
+    parameter's full value, drawn one parameter at a time, so the weights equal an unsharded build's."""
+    import torch.distributed as dist
+
+    from lmtrain.model.transformer import init_value
+
+    rules = model.init_rules()
+    for name, param in model.named_parameters():
+        full = init_value(rules[name], param.ds_shape, seed, name).reshape(-1)
+        partition = param.ds_tensor
+        size = partition.ds_numel
+        start = size * dist.get_rank(group=param.ds_process_group)
+        count = max(0, min(size, full.numel() - start))
+        if count:
+            partition.narrow(0, 0, count).copy_(full.narrow(0, start, count))

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from lmtrain.config import PRECISIONS, TrainerConfig
-from lmtrain.distributed.config import ShardingKind, StrategyConfig
+from lmtrain.distributed.config import Family, ShardingKind, StrategyConfig, StrategyKind
 from lmtrain.model.config import MLPKind, ModelConfig, Norm, Positional
 from lmtrain.model.transformer import Transformer
 
@@ -117,27 +117,26 @@ def _uniform(nbytes: int, *, optimizer: int) -> Numerics:
 
 def compute_numerics(strategy: str, precision: str) -> Numerics:
     """The dtypes strategy (a STRATEGY_ORDER name) gives each tensor at a Lightning precision string."""
-    family = "deepspeed" if strategy.startswith("deepspeed") else "fsdp" if strategy == "fsdp" else "torch"
-    match family, precision:
-        case "deepspeed", "bf16-mixed" | "bf16-true" | "16-mixed":
+    match StrategyKind(strategy).family, precision:
+        case Family.deepspeed, "bf16-mixed" | "bf16-true" | "16-mixed":
             # DeepSpeed casts the model to 16 bits and keeps fp32 master weights and both Adam moments
             # in its optimizer: 2 + 2 + 12 bytes per parameter (the ZeRO paper's K = 12). No autocast.
             return _uniform(2, optimizer=12)
-        case "fsdp", "bf16-mixed" | "bf16-true":
-            # lmtrain's FSDP2 (train.setup_fsdp, distributed/fsdp.py): fp32 sharded weights, bf16 all-gathered
+        case Family.fsdp, "bf16-mixed" | "bf16-true":
+            # lmtrain's FSDP2 (distributed/parallelize.py build_plan, fsdp.py): fp32 sharded weights, bf16 all-gathered
             # copies for compute, fp32 gradient reduction; Lightning runs "32-true", so no autocast.
             return Numerics(param=4, grad=4, optimizer=8, working_param=2, activation=2, norm_input=2, residual=2,
                             autocast=False)
-        case "fsdp", _:
-            return _uniform(4, optimizer=8)  # setup_fsdp computes in fp32 unless the precision is bf16
-        case "torch", "bf16-mixed" | "16-mixed":
+        case Family.fsdp, _:
+            return _uniform(4, optimizer=8)  # FSDP2 computes in fp32 unless the precision is bf16
+        case Family.replicated, "bf16-mixed" | "16-mixed":
             # Lightning's mixed precision is autocast over fp32 weights: 4 + 4 + 8 bytes per parameter;
             # matmuls save 16-bit copies, norms run (and save their inputs) in fp32.
             return Numerics(param=4, grad=4, optimizer=8, working_param=4, activation=2, norm_input=4, residual=4,
                             autocast=True)
-        case "torch", "bf16-true":  # module.to(bf16); torch's AdamW keeps its moments in the parameters' dtype
+        case Family.replicated, "bf16-true":  # module.to(bf16); torch's AdamW keeps its moments in the parameters' dtype
             return _uniform(2, optimizer=4)
-        case "torch", "64-true":
+        case Family.replicated, "64-true":
             return _uniform(8, optimizer=16)
         case _, "32-true":
             return _uniform(4, optimizer=8)

@@ -6,14 +6,11 @@ from datetime import timedelta
 
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 
-from lmtrain.distributed.config import StrategyConfig, StrategyKind
+from lmtrain.distributed.config import Family, StrategyConfig, StrategyKind
 from lmtrain.distributed.deepspeed import build_deepspeed_strategy
+from lmtrain.distributed.parallelize import resolve_kind
 
-
-def resolve_kind(cfg: StrategyConfig, world_size: int) -> StrategyKind:
-    if cfg.kind is StrategyKind.auto:
-        return StrategyKind.ddp if world_size > 1 else StrategyKind.single
-    return cfg.kind
+__all__ = ["build_strategy", "resolve_kind"]
 
 
 def build_strategy(cfg: StrategyConfig, *, world_size: int, devices_per_node: int, micro_batch_size: int,
@@ -34,11 +31,11 @@ def build_strategy(cfg: StrategyConfig, *, world_size: int, devices_per_node: in
             # saves a collective per micro batch.
             return DDPStrategy(find_unused_parameters=cfg.find_unused_parameters, broadcast_buffers=False,
                                timeout=timedelta(seconds=cfg.timeout_s))
-        case StrategyKind.deepspeed_zero1 | StrategyKind.deepspeed_zero2 | StrategyKind.deepspeed_zero3 | StrategyKind.deepspeed_zero3_offload:
-            return build_deepspeed_strategy(cfg, micro_batch_size=micro_batch_size, grad_clip=grad_clip, on_cpu=on_cpu)
         case StrategyKind.fsdp:
-            # FSDP2 (fully_shard per block, applied by CausalLMTask.configure_model through
-            # lmtrain.distributed.fsdp, which also builds the hybrid-sharding mesh).
+            # FSDP2 (fully_shard per block, applied by TaskModule.configure_model through
+            # lmtrain.distributed.parallelize, which also builds the hybrid-sharding mesh).
             return ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1,
                                          save_distributed_checkpoint=True, timeout=timedelta(seconds=cfg.timeout_s))
+        case _ if kind.family is Family.deepspeed:
+            return build_deepspeed_strategy(cfg, micro_batch_size=micro_batch_size, grad_clip=grad_clip, on_cpu=on_cpu)
     raise ValueError(f"strategy.kind={cfg.kind} is not supported; choose one of {[k.name for k in StrategyKind]}")

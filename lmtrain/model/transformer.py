@@ -5,6 +5,7 @@ from outside (lmtrain/distributed/), so each `Block` takes everything it needs a
 """
 
 import math
+import zlib
 from typing import Optional
 
 import torch
@@ -110,30 +111,48 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.tok_embeddings.weight
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, seed: int | None = None) -> None:
         """The one place weights are initialised (GPT-2 / nanoGPT scheme).
 
         Linears and embeddings ~ N(0, init_std), biases 0, norm weights 1; the residual output
         projections (attn.out_proj, mlp.down) ~ N(0, init_std / sqrt(2 * n_layers)) so the
         residual stream's variance does not grow with depth (GPT-2 paper, section 2.3).
+
+        Each parameter draws from its own generator, seeded by (seed, its name): its values do not
+        depend on the order parameters are visited in or on how they are sharded. A sharded
+        parameter (a DTensor: FSDP2 after a meta-device build) gets its rank's slice of the very
+        tensor an unsharded build gets, one parameter at a time. seed: None = drawn from torch's
+        global RNG.
         """
-        std = self.cfg.init_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and module.weight is not None:
-                nn.init.ones_(module.weight)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
-        for block in self.blocks:
-            nn.init.normal_(block.attn.out_proj.weight, mean=0.0, std=residual_std)
-            nn.init.normal_(block.mlp.down.weight, mean=0.0, std=residual_std)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        rules = self.init_rules()
+        for name, param in self.named_parameters():  # a tied weight once, under its first name
+            if name not in rules:
+                raise RuntimeError(f"Transformer.init_weights has no rule for parameter {name}: add one to init_rules")
+            fill_parameter(param, init_value(rules[name], param.shape, seed, name))
         if self.cfg.positional is Positional.sinusoidal:
             # to_empty() leaves non-persistent buffers uninitialised; copy_ keeps dtype and device.
             buffer = self.sinusoidal_table
             table = compute_sinusoidal_table(self.cfg.max_seq_len, self.cfg.d_model, device=buffer.device)
             buffer.copy_(table)
+
+    def init_rules(self) -> dict[str, tuple[str, float]]:
+        """Parameter name -> ("normal", std) | ("ones", 0) | ("zeros", 0)."""
+        std = self.cfg.init_std
+        rules: dict[str, tuple[str, float]] = {}
+        for prefix, module in self.named_modules():
+            at = f"{prefix}." if prefix else ""
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                rules[at + "weight"] = ("normal", std)
+            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and module.weight is not None:
+                rules[at + "weight"] = ("ones", 0.0)
+            if getattr(module, "bias", None) is not None:
+                rules[at + "bias"] = ("zeros", 0.0)
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for i in range(self.cfg.n_layers):
+            rules[f"blocks.{i}.attn.out_proj.weight"] = rules[f"blocks.{i}.mlp.down.weight"] = ("normal", residual_std)
+        return rules
 
     def forward(
         self,
@@ -315,3 +334,23 @@ class Transformer(nn.Module):
             eos_id=eos_id,
             generator=generator,
         )
+
+
+def init_value(rule: tuple[str, float], shape: torch.Size, seed: int, name: str) -> Tensor:
+    """The whole fp32 value of one parameter, on the CPU, from its own generator."""
+    kind, std = rule
+    if kind == "ones":
+        return torch.ones(shape)
+    if kind == "zeros":
+        return torch.zeros(shape)
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    return torch.empty(shape).normal_(0.0, std, generator=generator)
+
+
+def fill_parameter(param: Tensor, value: Tensor) -> None:
+    """param := value; a DTensor parameter takes its rank's slice (each rank slices its own copy: no communication)."""
+    if hasattr(param, "device_mesh"):  # a DTensor (FSDP2)
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    param.copy_(value)

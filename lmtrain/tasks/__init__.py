@@ -8,6 +8,7 @@ from lmtrain.tasks.config import TaskConfig, TaskKind
 
 if TYPE_CHECKING:
     from lmtrain.data.tokenizers import Tokenizer
+    from lmtrain.distributed.parallelize import ParallelPlan
     from lmtrain.model import ModelConfig
     from lmtrain.optim import OptimConfig, ScheduleConfig
     from lmtrain.tasks.base import TaskModule
@@ -15,11 +16,12 @@ if TYPE_CHECKING:
 
 def make_task(task_cfg: TaskConfig, model_cfg: ModelConfig, optim_cfg: OptimConfig, schedule_cfg: ScheduleConfig, *,
               tokenizer: Tokenizer | None, label_names: list[str] | None, max_steps: int, seed: int, grad_clip: float,
-              accumulate: int, record: dict, loss_chunk_tokens: int = 0) -> TaskModule:
+              accumulate: int, record: dict, loss_chunk_tokens: int = 0, plan: ParallelPlan | None = None) -> TaskModule:
     """The LightningModule of task_cfg.kind (imported on use: each pulls only what it needs).
     tokenizer: masked_lm (vocabulary tables) and translate (eos); label_names: classify."""
     args = (model_cfg, optim_cfg, schedule_cfg)
-    common = {"max_steps": max_steps, "seed": seed, "grad_clip": grad_clip, "accumulate": accumulate, "record": record}
+    common = {"max_steps": max_steps, "seed": seed, "grad_clip": grad_clip, "accumulate": accumulate, "record": record,
+              "plan": plan}
     match task_cfg.kind:
         case TaskKind.causal_lm:
             from lmtrain.tasks.causal_lm import CausalLMTask

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable
-
 import lightning as L
 import numpy as np
 import torch
 
 from lmtrain.checkpoint.faults import maybe_crash
-from lmtrain.model import ModelConfig, build_model
+from lmtrain.distributed.config import StrategyKind
+from lmtrain.distributed.parallelize import ParallelPlan, build_transformer, parallelize
+from lmtrain.model import ModelConfig
 from lmtrain.optim import OptimConfig, ScheduleConfig, build_optimizer, build_scheduler
 
 
@@ -38,13 +38,19 @@ class TaskModule(L.LightningModule):
         accumulate: int,
         record: dict | None = None,
         layer_lr_decay: float = 1.0,
+        plan: ParallelPlan | None = None,
     ) -> None:
+        """plan: how the model is parallelized (lmtrain.distributed.parallelize); None = one process."""
         super().__init__()
         self.layer_lr_decay = layer_lr_decay
         self.model_cfg, self.optim_cfg, self.schedule_cfg = model_cfg, optim_cfg, schedule_cfg
         self.max_steps, self.seed, self.grad_clip, self.accumulate = max_steps, seed, grad_clip, accumulate
         self.record = record or {}  # resolved config etc., written into every checkpoint
-        self.model = build_model(model_cfg)
+        # How the model is parallelized, applied in configure_model once processes exist.
+        self.plan = plan or ParallelPlan(kind=StrategyKind.single, precision="32-true")
+        # Drawn from the global RNG (seeded by the run's seed) whether or not the model is built now.
+        self.init_seed = int(torch.randint(0, 2**62, ()).item())
+        self.model = build_transformer(model_cfg, self.plan, seed=self.init_seed)
         # Device-side accumulators: read (a host sync) only on logging steps.
         self.register_buffer("_loss_sum", torch.zeros(()), persistent=False)
         self.register_buffer("_loss_count", torch.zeros(()), persistent=False)
@@ -52,8 +58,6 @@ class TaskModule(L.LightningModule):
         self.register_buffer("_val_loss_sum", torch.zeros((), dtype=torch.float64), persistent=False)
         self.grad_norm: torch.Tensor | None = None
         self.last_val: dict[str, float] = {}
-        # Sharding (FSDP2) applied from outside once processes exist: fn(model, trainer, heads).
-        self.parallelize: Callable[[torch.nn.Module, L.Trainer, list], None] | None = None
         self._parallelized = False
         self._sharded_roots: list[torch.nn.Module] = []  # FSDP2 roots, after parallelize
         self._reseed = True  # decided on fit start (draws_random_numbers)
@@ -105,12 +109,15 @@ class TaskModule(L.LightningModule):
             self._resumed_window = None
 
     def configure_model(self) -> None:
-        if self.parallelize is not None and not self._parallelized:
-            self.parallelize(self.model, self.trainer, self.head_modules())
-            self._parallelized = True
-            from torch.distributed.fsdp import FSDPModule
+        if self._parallelized:
+            return
+        self.model = parallelize(self.model, self.plan, world_size=self.trainer.world_size,
+                                 device=self.trainer.strategy.root_device, init_seed=self.init_seed,
+                                 heads=self.head_modules())
+        self._parallelized = True
+        from torch.distributed.fsdp import FSDPModule
 
-            self._sharded_roots = [m for m in (self.model, *self.head_modules()) if isinstance(m, FSDPModule)]
+        self._sharded_roots = [m for m in (self.model, *self.head_modules()) if isinstance(m, FSDPModule)]
 
     def head_modules(self) -> list[torch.nn.Module]:
         """Trainable modules outside `self.model` (task heads): FSDP shards them as units of their own."""
@@ -199,7 +206,7 @@ class TaskModule(L.LightningModule):
             )
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        if uses_deepspeed(self.trainer):
+        if self.plan.engine_clips:
             return  # DeepSpeed clips inside its engine (gradient_clipping in its config)
         max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
@@ -207,7 +214,7 @@ class TaskModule(L.LightningModule):
 
     def current_grad_norm(self) -> float | None:
         """The last optimizer step's global gradient norm (a host sync)."""
-        if uses_deepspeed(self.trainer):
+        if self.plan.engine_clips:
             norm = self.trainer.strategy.deepspeed_engine.get_global_grad_norm()
             return None if norm is None else float(norm)
         return None if self.grad_norm is None else self.grad_norm.item()
@@ -239,10 +246,6 @@ class TaskModule(L.LightningModule):
                 group["initial_lr"] = lr
             if len(lrs) == len(sched.get("base_lrs", [])):
                 sched["base_lrs"] = lrs
-
-
-def uses_deepspeed(trainer: L.Trainer) -> bool:
-    return type(trainer.strategy).__name__.endswith("DeepSpeedStrategy")
 
 
 def gather_rank_states(trainer: L.Trainer, *, loss_window: torch.Tensor) -> dict:

@@ -7,9 +7,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lmtrain.tasks.base import TaskModule, gather_rank_states, restore_rng_state, step_seed, uses_deepspeed
+from lmtrain.tasks.base import TaskModule, gather_rank_states, restore_rng_state, step_seed
 
-__all__ = ["CausalLMTask", "gather_rank_states", "restore_rng_state", "step_seed", "uses_deepspeed"]
+__all__ = ["CausalLMTask", "gather_rank_states", "restore_rng_state", "step_seed"]
 
 
 class CausalLMTask(TaskModule):
