@@ -4,7 +4,7 @@
 # without `datasets` (the data is prepared here and carried in .gpucheck/data):
 #
 #   here:   ../shared/tools/gpu-wheels.sh .whl && launch/gpu_check.sh --prepare-only
-#   there:  launch/gpu_check.sh            (<= 6 minutes on one H200; each line also lands in $OUT/gpu_check.log
+#   there:  launch/gpu_check.sh            (<= 9 minutes on one H200; each line also lands in $OUT/gpu_check.log
 #           at once: do not pipe it through grep/tail, which hold output back until the end)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,13 @@ if [[ "${1:-}" == "--prepare-only" ]]; then
 fi
 
 if [[ -d .whl ]]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  # The wheels were fetched for one Python (../shared/tools/gpu-wheels.sh: --python-version); a compiled
+  # one (pydantic-core) only installs on that version, so say which one this machine has if it does not.
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || {
+    echo "gpu_check: the wheels in .whl do not install on $(python3 --version) here; fetch them for this version" \
+         "(gpu-wheels.sh --python-version $(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")'))" >&2
+    exit 2
+  }
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" DS_BUILD_OPS=0 TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
