@@ -88,8 +88,11 @@ class StopOnSignal(L.Callback):
         return flags
 
     def _save(self, trainer: L.Trainer) -> None:
-        if self.checkpoint is not None and self.checkpoint.last_saved_step != trainer.global_step:
+        if self.checkpoint is None:
+            return
+        if self.checkpoint.last_saved_step != trainer.global_step:
             self.checkpoint.save(trainer)
+        self.checkpoint.finish(trainer)  # a checkpoint written in the background is published before the exit
 
     def _requeue(self, trainer: L.Trainer) -> None:
         rank_zero_info(f"{signal.Signals(self.requeue_signum).name} received: saving at step {trainer.global_step}, "

@@ -87,6 +87,10 @@ class StrategyConfig:
     """FSDP: full or hybrid sharding."""
     reshard_after_forward: bool = True
     """FSDP: free gathered parameters after forward (less memory, one more all-gather in backward)."""
+    async_save: bool = False
+    """FSDP: write checkpoints in the background. Each rank copies its shards to CPU memory (a pause of
+    that copy), training goes on while a thread writes them, and the checkpoint becomes step-N.ckpt and
+    last.ckpt at the first step boundary after every rank has finished (whole or absent, as always)."""
     meta_init: bool = True
     """FSDP and ZeRO-3: build the model on the meta device, shard it, then initialise each rank's shards
     (the same weights as an unsharded build, without any rank ever holding the whole fp32 model)."""

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, Strategy
 
 from lmtrain.distributed.config import Family, StrategyConfig, StrategyKind
 from lmtrain.distributed.deepspeed import build_deepspeed_strategy
+from lmtrain.distributed.fsdp import build_fsdp_strategy
 from lmtrain.distributed.parallelize import resolve_kind
 
 __all__ = ["build_strategy", "resolve_kind"]
@@ -34,8 +35,7 @@ def build_strategy(cfg: StrategyConfig, *, world_size: int, devices_per_node: in
         case StrategyKind.fsdp:
             # FSDP2 (fully_shard per block, applied by TaskModule.configure_model through
             # lmtrain.distributed.parallelize, which also builds the hybrid-sharding mesh).
-            return ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1,
-                                         save_distributed_checkpoint=True, timeout=timedelta(seconds=cfg.timeout_s))
+            return build_fsdp_strategy(world_size=world_size, timeout_s=cfg.timeout_s, async_save=cfg.async_save)
         case _ if kind.family is Family.deepspeed:
             return build_deepspeed_strategy(cfg, micro_batch_size=micro_batch_size, grad_clip=grad_clip, on_cpu=on_cpu)
     raise ValueError(f"strategy.kind={cfg.kind} is not supported; choose one of {[k.name for k in StrategyKind]}")

@@ -110,3 +110,27 @@ def test_train_save_resume_export(prepared, reference, tmp_path, strategy, kill)
         with torch.no_grad():
             hf_logits.append(transformers.AutoModelForCausalLM.from_pretrained(directory).float().eval()(batch).logits)
     torch.testing.assert_close(hf_logits[0], hf_logits[1], rtol=1e-4, atol=1e-4)
+
+
+def test_fsdp_async_save_publishes_whole_checkpoints_and_resumes_after_a_sigkill(prepared, reference, tmp_path):
+    """strategy.async_save: the shards are written in a background thread while training goes on; a
+    checkpoint is published (renamed, last.ckpt) only once every rank's write is down. A SIGKILL right
+    after step 3's is published, then a resume, follows the DDP run's optimization."""
+    args = ["train", *prepared, *TINY_TRAIN, *COMMON, "strategy=fsdp", "strategy.async_save=true", "run_name=job"]
+    run_dir = tmp_path / "runs" / "job"
+    killed = run_cli(args, cwd=tmp_path, env={"LMTRAIN_FAULT": "kill_after_checkpoint:3"}, check=False)
+    assert killed.returncode != 0
+    assert (run_dir / "checkpoints" / "step-00000003.ckpt").is_dir()
+    out = run_cli(args, cwd=tmp_path).stdout
+    assert "resuming from" in out and "step-00000003.ckpt" in out
+    losses = losses_by_step(run_dir)
+    assert [losses[s] for s in range(1, 7)] == pytest.approx([reference["losses"][s] for s in range(1, 7)], rel=1e-5)
+    checkpoints = run_dir / "checkpoints"
+    assert resolve_checkpoint(checkpoints / "last.ckpt").name == "step-00000006.ckpt"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step-00000003.ckpt", "step-00000006.ckpt"]
+    from lmtrain.config import EvalConfig
+    from lmtrain.evaluate import run as evaluate
+
+    direct = evaluate(EvalConfig(ckpt=str(checkpoints / "last.ckpt"), device="cpu"))
+    ddp = evaluate(EvalConfig(ckpt=str(reference["ckpt"]), device="cpu"))
+    assert direct["val/loss"] == pytest.approx(ddp["val/loss"], rel=1e-5)
