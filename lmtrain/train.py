@@ -39,7 +39,7 @@ from lmtrain.checkpoint.owner import RunDirOwner
 from lmtrain.config import TrainConfig, TrainerConfig
 from lmtrain.data.shards import TokenSpace
 from lmtrain.data.tokenizers import TOKENIZER_FILE, load_tokenizer
-from lmtrain.distributed.parallelize import ParallelPlan, build_plan, on_cpu, resolve_precision
+from lmtrain.distributed.parallelize import ParallelPlan, build_plan, on_cpu
 from lmtrain.distributed.preemption import requeue_signal
 from lmtrain.distributed.rank import is_rank_zero, quiet_third_party_hints, say
 from lmtrain.distributed.slurm_env import check_slurm_environment, in_slurm_job
