@@ -80,7 +80,8 @@ def merge_user_config(config: dict, path: Path) -> dict:
 
 
 class CPUCapableDeepSpeedStrategy(DeepSpeedStrategy):
-    """DeepSpeedStrategy that also accepts Lightning's CPU accelerator."""
+    """DeepSpeedStrategy that also accepts Lightning's CPU accelerator (and scales accumulated
+    gradients once, not twice)."""
 
     def _on_cpu(self) -> bool:
         return isinstance(self.accelerator, CPUAccelerator)
@@ -98,6 +99,12 @@ class CPUCapableDeepSpeedStrategy(DeepSpeedStrategy):
         reset_seed()
         self.set_world_ranks()
         self._init_deepspeed_distributed()
+
+    def backward(self, closure_loss: torch.Tensor, optimizer, *args, **kwargs) -> torch.Tensor:
+        # Lightning has already divided the loss by the accumulation steps; DeepSpeed's engine would
+        # divide it again (scale_wrt_gas), leaving gradients 1/accumulation^2 of the true mean and
+        # the clipping threshold effectively multiplied by the accumulation.
+        return super().backward(closure_loss, optimizer, *args, scale_wrt_gas=False, **kwargs)
 
     @property
     def root_device(self) -> torch.device:

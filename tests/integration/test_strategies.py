@@ -4,6 +4,7 @@ weights give the logits of the DDP run's model."""
 
 from __future__ import annotations
 
+import json
 
 import pytest
 import torch
@@ -134,3 +135,22 @@ def test_fsdp_async_save_publishes_whole_checkpoints_and_resumes_after_a_sigkill
     direct = evaluate(EvalConfig(ckpt=str(checkpoints / "last.ckpt"), device="cpu"))
     ddp = evaluate(EvalConfig(ckpt=str(reference["ckpt"]), device="cpu"))
     assert direct["val/loss"] == pytest.approx(ddp["val/loss"], rel=1e-5)
+
+
+def test_deepspeed_accumulation_equals_more_ranks(prepared, tmp_path):
+    """ZeRO-2 on 1 rank with 2 accumulation steps follows 2 ranks without accumulation: gradients are
+    the mean over the global batch, divided by the accumulation once (Lightning) and not again (DeepSpeed's
+    engine), so the gradient norms and losses agree."""
+    common = ["trainer.max_steps=4", "trainer.val_every_steps=100", "trainer.accelerator=cpu", "trainer.global_batch_size=4",
+              "trainer.micro_batch_size=2", "model.dropout=0.0", "trainer.checkpoint=false", "trainer.log_every_steps=1",
+              "strategy=deepspeed_zero2"]
+    runs = {}
+    for name, devices in (("acc", 1), ("ranks", 2)):
+        run_cli(["train", *prepared, *TINY_TRAIN, *common, f"trainer.devices={devices}", f"run_name={name}"], cwd=tmp_path)
+        rows = [json.loads(line) for line in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = {row["step"]: row for row in rows if "train/loss" in row}
+    assert sorted(runs["acc"]) == sorted(runs["ranks"]) == [1, 2, 3, 4]
+    for step in range(1, 5):
+        a, r = runs["acc"][step], runs["ranks"][step]
+        assert a["train/loss"] == pytest.approx(r["train/loss"], rel=1e-5), step
+        assert a["opt/grad_norm"] == pytest.approx(r["opt/grad_norm"], rel=1e-4), step
