@@ -234,6 +234,7 @@ class TaskModule(L.LightningModule):
         checkpoint["lmtrain"] = {**self.record, "rng": gather_rank_states(self.trainer, loss_window=window)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        align_micro_batch_progress(checkpoint, self.accumulate)
         rng = checkpoint.get("lmtrain", {}).get("rng")
         restore_rng_state(rng, self.global_rank)
         if rng and len(rng["per_rank"]) == self.trainer.world_size and "loss_window" in rng["per_rank"][self.global_rank]:
@@ -246,6 +247,28 @@ class TaskModule(L.LightningModule):
                 group["initial_lr"] = lr
             if len(lrs) == len(sched.get("base_lrs", [])):
                 sched["base_lrs"] = lrs
+
+
+def align_micro_batch_progress(checkpoint: dict, accumulate: int) -> None:
+    """Lightning counts micro batches and steps the optimizer when the count reaches a multiple of
+    the accumulation. A checkpoint from a run with another accumulation (other ranks or micro batch
+    at the same global batch) would leave the count off a multiple: the first step after the resume
+    would take too few micro batches and every later one would be shifted. Restate the counts as
+    this run's micro batches for the same optimizer steps (checkpoints are taken at step boundaries)."""
+    steps = checkpoint.get("global_step", 0)
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+    if not steps or not progress or "total" not in progress:
+        return
+    processed = progress["total"].get("processed", 0)
+    if processed % steps or processed // steps == accumulate:
+        return  # not at a step boundary, or the same accumulation: nothing to restate
+    shift = steps * accumulate - processed
+    for counts in (progress["total"], progress.get("current", {})):
+        if counts.get("processed", 0) + shift < 0:
+            continue
+        for key in ("ready", "started", "processed", "completed"):
+            if key in counts:
+                counts[key] += shift
 
 
 def gather_rank_states(trainer: L.Trainer, *, loss_window: torch.Tensor) -> dict:

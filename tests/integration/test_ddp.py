@@ -119,10 +119,15 @@ def test_sigkill_and_resume_on_two_ranks_is_bitwise_exact(prepared, runs, tmp_pa
     assert_same_weights(weights(runs["two"]), weights(run_dir), exact=True)
 
 
-def test_two_rank_checkpoint_resumes_on_one_rank_at_the_same_sample(prepared, runs, tmp_path):
+@pytest.mark.parametrize("micro", [4, 1], ids=["same-accumulation", "accumulation-4"])
+def test_two_rank_checkpoint_resumes_on_one_rank_at_the_same_sample(prepared, runs, tmp_path, micro):
+    """2 ranks x micro 2 -> 1 rank x micro 4, or x micro 1 with 4 accumulation steps: the resumed steps
+    take the same samples (Lightning's micro-batch count, 6 at step 6, is restated as 24 for the new
+    accumulation; left at 6, the first step would take 2 micro batches and every later one would be shifted)."""
     ckpt = runs["two"] / "checkpoints" / "step-00000006.ckpt"
     assert ckpt.exists()
-    run_cli(["train", *prepared, *TINY_TRAIN, *COMMON, *ONE_RANK, f"resume={ckpt}", "run_name=resharded"], cwd=tmp_path)
+    run_cli(["train", *prepared, *TINY_TRAIN, *COMMON, *ONE_RANK, f"trainer.micro_batch_size={micro}", f"resume={ckpt}",
+             "run_name=resharded"], cwd=tmp_path)
     got, expected = losses_by_step(tmp_path / "runs" / "resharded"), losses_by_step(runs["one"])
     assert sorted(got) == list(range(7, 13))
     for step in got:
