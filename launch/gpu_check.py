@@ -183,9 +183,30 @@ def main() -> int:
         results.append((job, rc, secs, row, None))
         report(job, rc, secs, row, None, out)
 
+    if not only or "raw_loop" in only:
+        raw_loop_ratio(args.smoke, started, args.budget_s)
     for line in summary(results, tflops):
         emit(line)
     return 0 if all(rc == 0 for _, rc, *_ in results) else 1
+
+
+def raw_loop_ratio(smoke: bool, started: float, budget_s: float) -> None:
+    """lmtrain's step against a plain PyTorch loop at gpt2_124m (benchmarks/throughput.py), reported
+    as printed; a failure is reported, not fatal (the strategy and MFU jobs are the check)."""
+    if time.perf_counter() - started >= budget_s:
+        emit("[raw_loop] SKIPPED: the budget is spent")
+        return
+    cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--models", "gpt2_124m"]
+    cmd += ["--smoke", "--device", "cpu"] if smoke else ["--device", "cuda", "--steps", "50", "--repeats", "3"]
+    timeout = max(1.0, (DEADLINE or time.perf_counter() + 150) - time.perf_counter())
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=min(timeout, 150), cwd=REPO)
+        rows = [line for line in proc.stdout.splitlines() if line.startswith("gpt2_124m")]
+        emit(f"[raw_loop] gpt2_124m lmtrain vs plain loop: {rows[-1] if rows else 'no row; rc=%d' % proc.returncode}")
+        if not rows:
+            emit("  " + "\n  ".join((proc.stdout + proc.stderr).strip().splitlines()[-15:]))
+    except subprocess.TimeoutExpired:
+        emit("[raw_loop] timed out")
 
 
 LOG: Path | None = None  # every line also goes here at once, so a run cut short still leaves its figures
