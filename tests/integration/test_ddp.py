@@ -170,21 +170,29 @@ def test_a_crashed_rank_ends_the_job_nonzero_without_hanging(prepared, tmp_path)
     assert "injected crash of rank 1 at step 3" in proc.stdout + proc.stderr
 
 
-def test_a_frozen_node_ends_the_job_within_the_peer_timeout(prepared, tmp_path):
-    """Node 1 freezes (SIGSTOP: its sockets stay open, as with a lost node or a partition) while node 0
-    waits for it in a collective whose own timeout is 50 min: node 0's watchdog ends it after
-    strategy.peer_timeout_s of silence, naming the silent rank."""
+def start_two_nodes(tmp_path: Path, run_name: str, args: list[str]) -> tuple[list[Path], list[subprocess.Popen]]:
+    """Two "nodes" on localhost through launch/multinode.sh, one process each; node 1 holds after step 3
+    (LMTRAIN_FAULT=hold:3) until the requeue signal or a SIGTERM. Each node in a session of its own."""
     port = str(free_port())
     logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
     procs = [
         subprocess.Popen([str(REPO / "launch" / "multinode.sh"), "--nodes", "2", "--node-rank", str(rank), "--master",
-                          "127.0.0.1", "--port", port, "--run-name", "frozen", "--", sys.executable, "-m", "lmtrain", "train",
-                          *prepared, *TINY_TRAIN, *COMMON, "trainer.devices=1", "trainer.micro_batch_size=2",
-                          "strategy.timeout_s=3000", "strategy.peer_timeout_s=10"],
+                          "127.0.0.1", "--port", port, "--run-name", run_name, "--", sys.executable, "-m", "lmtrain", "train",
+                          *args],
                          cwd=tmp_path, env={**os.environ, **CHILD_ENV, **({"LMTRAIN_FAULT": "hold:3"} if rank else {})},
                          stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         for rank, log in enumerate(logs)
     ]
+    return logs, procs
+
+
+def test_a_frozen_node_ends_the_job_within_the_peer_timeout(prepared, tmp_path):
+    """Node 1 freezes (SIGSTOP: its sockets stay open, as with a lost node or a partition) while node 0
+    waits for it in a collective whose own timeout is 50 min: node 0's watchdog ends it after
+    strategy.peer_timeout_s of silence, naming the silent rank."""
+    logs, procs = start_two_nodes(tmp_path, "frozen", [*prepared, *TINY_TRAIN, *COMMON, "trainer.devices=1",
+                                                        "trainer.micro_batch_size=2", "strategy.timeout_s=3000",
+                                                        "strategy.peer_timeout_s=10"])
     try:
         wait_for(lambda: "holding after step 3" in logs[1].read_text(), what="node 1 to hold after step 3",
                  progress=lambda: tree_signature(logs))
@@ -203,18 +211,8 @@ def test_a_frozen_node_ends_the_job_within_the_peer_timeout(prepared, tmp_path):
 def test_a_sigterm_to_one_rank_stops_every_rank_at_one_step_with_a_checkpoint(prepared, tmp_path):
     """SIGTERM reaches rank 1 only (node 1 of two "nodes" on localhost, held after step 3 until it comes):
     both ranks agree on it at a step boundary, save that step and exit 143; the run resumes from it."""
-    port = str(free_port())
-    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
-    args = [*prepared, *TINY_TRAIN, *COMMON, "trainer.devices=1", "trainer.micro_batch_size=2", "trainer.ckpt_every_steps=100",
-            "run_name=stopped"]
-    procs = [
-        subprocess.Popen([str(REPO / "launch" / "multinode.sh"), "--nodes", "2", "--node-rank", str(rank), "--master",
-                          "127.0.0.1", "--port", port, "--run-name", "stopped", "--", sys.executable, "-m", "lmtrain", "train",
-                          *args],
-                         cwd=tmp_path, env={**os.environ, **CHILD_ENV, **({"LMTRAIN_FAULT": "hold:3"} if rank else {})},
-                         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-        for rank, log in enumerate(logs)
-    ]
+    logs, procs = start_two_nodes(tmp_path, "stopped", [*prepared, *TINY_TRAIN, *COMMON, "trainer.devices=1",
+                                                         "trainer.micro_batch_size=2", "trainer.ckpt_every_steps=100"])
     try:
         wait_for(lambda: "holding after step 3" in logs[1].read_text(), what="node 1 to hold after step 3",
                  progress=lambda: tree_signature(logs))
