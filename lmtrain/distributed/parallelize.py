@@ -2,8 +2,9 @@
 
 `build_plan` turns the strategy and trainer configs into a `ParallelPlan`: the strategy kind, the
 precision Lightning runs, FSDP2's parameter dtype, activation checkpointing, compile and sharding.
-train.py, the task, the checkpoint callback and `lmtrain plan` read the plan rather than the
-configs. `parallelize` applies it to a built model in a fixed order (torchtitan's):
+train.py, the task and the checkpoint callback read the plan rather than the configs; what a
+strategy is (family, checkpoint layout, who clips) is asked of its `StrategyKind`, which `lmtrain
+plan` uses too. `parallelize` applies it to a built model in a fixed order (torchtitan's):
 
   activation checkpointing -> compile -> sharding (FSDP2; DeepSpeed shards inside its engine)
   -> under meta init, each rank's shards allocated and initialised
