@@ -36,6 +36,7 @@ from lmtrain.checkpoint import (
 from lmtrain.checkpoint.faults import set_run_name
 from lmtrain.checkpoint.io import remove_stale_temp_files
 from lmtrain.checkpoint.owner import RunDirOwner
+from lmtrain.checkpoint.universal import needs_universal, prepare_universal
 from lmtrain.config import TrainConfig, TrainerConfig
 from lmtrain.data.shards import TokenSpace
 from lmtrain.data.tokenizers import TOKENIZER_FILE, load_tokenizer
@@ -170,6 +171,8 @@ def train(cfg: TrainConfig, record: dict, run_dir: Path, hydra_files: dict[str, 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = build_task(cfg, inputs, checkpoint_record(record, inputs, kind, tcfg.world_size, cfg.task.kind), plan)
     ckpt_path = choose_checkpoint(cfg, run_dir / "checkpoints", task, plan.checkpoint_layout)
+    # A DeepSpeed checkpoint of another world size loads through DeepSpeed's universal checkpoint.
+    universal = ckpt_path is not None and needs_universal(ckpt_path, tcfg.world_size)
     resume_step, task.record["wandb_run_id"] = resolve_wandb_run(cfg, run_dir, ckpt_path)
     if check_resume_step(resume_step, tcfg.max_steps, run_dir):
         return
@@ -178,7 +181,8 @@ def train(cfg: TrainConfig, record: dict, run_dir: Path, hydra_files: dict[str, 
     elif cfg.init_from:
         say(f"init_from={cfg.init_from} is not used: the run resumes from its own checkpoint {ckpt_path} "
             "(init_from only starts a new run; choose a new run_name to start from it)")
-    trainer, metrics = build_trainer(cfg, task, run_dir, inputs, plan, record=record, resume_step=resume_step)
+    trainer, metrics = build_trainer(cfg, task, run_dir, inputs, plan, record=record, resume_step=resume_step,
+                                     load_universal=universal)
     write_run_files(run_dir, record, inputs, hydra_files)
     trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
     say(
@@ -189,6 +193,9 @@ def train(cfg: TrainConfig, record: dict, run_dir: Path, hydra_files: dict[str, 
         f"accumulation) | strategy {kind.name} | precision {trainer.precision}"
         + (f" | resuming from {ckpt_path}" if ckpt_path else "")
     )
+    if universal:  # after build_trainer, which chose DeepSpeed's accelerator (DS_ACCELERATOR) before this imports it
+        # Rank 0 converts (once); the others wait for it on the filesystem: no process group exists yet.
+        prepare_universal(ckpt_path, rank_zero=is_rank_zero(), stall_s=cfg.strategy.timeout_s, log=say)
     fit(trainer, task, inputs, ckpt_path, run_dir)
     if trainer.global_step < tcfg.max_steps:
         raise RuntimeError(
@@ -241,10 +248,13 @@ def report_stop(reason: str, step: int, max_steps: int, run_dir: Path, exit_code
 
 
 def build_trainer(cfg: TrainConfig, task: TaskModule, run_dir: Path, inputs: RunInputs, plan: ParallelPlan, *,
-                  record: dict, resume_step: int) -> tuple[L.Trainer, StepMetrics]:
+                  record: dict, resume_step: int, load_universal: bool = False) -> tuple[L.Trainer, StepMetrics]:
+    """load_universal: the run resumes a DeepSpeed checkpoint of another world size through its
+    universal conversion (lmtrain.checkpoint.universal)."""
     tcfg = cfg.trainer
     strategy = build_strategy(cfg.strategy, world_size=tcfg.world_size, devices_per_node=tcfg.devices,
-                              micro_batch_size=tcfg.micro_batch_size, grad_clip=tcfg.grad_clip, on_cpu=on_cpu(tcfg))
+                              micro_batch_size=tcfg.micro_batch_size, grad_clip=tcfg.grad_clip, on_cpu=on_cpu(tcfg),
+                              load_universal=load_universal)
     progress_bar = sys.stdout.isatty() if tcfg.progress_bar is None else tcfg.progress_bar
     checkpoints = StepCheckpoint(run_dir / "checkpoints", every_n_steps=tcfg.ckpt_every_steps,
                                  keep_last=tcfg.keep_last_checkpoints, layout=plan.checkpoint_layout)

@@ -26,7 +26,8 @@ def expected_shapes(module: nn.Module) -> tuple[dict[str, tuple[int, ...]], froz
 
 def check_compatible(path: Path, module: nn.Module, *, layout: Layout, world_size: int,
                      tokenizer_hash: str | None = None, seed: int | None = None) -> dict:
-    """The checkpoint's record if this run can resume from it; CheckpointError saying why not."""
+    """The checkpoint's record if this run can resume from it; CheckpointError saying why not.
+    `world_size` is this run's; any world size can resume any checkpoint (see below)."""
     found = detect_layout(path)
     record = load_record(path)
     saved = record["lmtrain"]
@@ -54,13 +55,8 @@ def check_compatible(path: Path, module: nn.Module, *, layout: Layout, world_siz
             f"resume with the strategy that wrote it ({record['lmtrain'].get('strategy', '?')}), or start a new run "
             f"from its weights with init_from={path}"
         )
-    saved_world = record["lmtrain"].get("world_size", world_size)
-    if layout is Layout.deepspeed and saved_world != world_size:
-        raise CheckpointError(
-            f"checkpoint {path} was written by {saved_world} ranks with {record['lmtrain'].get('strategy')}; DeepSpeed's "
-            f"ZeRO optimizer shards cannot be resharded to {world_size} ranks. Resume on {saved_world} ranks, or continue "
-            f"from its weights only (fresh optimizer state) with init_from={path}"
-        )
+    # Another world size is no obstacle: DDP and FSDP (DCP) checkpoints load on any; a DeepSpeed one
+    # is converted to DeepSpeed's universal checkpoint before it loads (lmtrain.checkpoint.universal).
     shapes, aliases = expected_shapes(module)
     if problems := shape_mismatches(param_shapes(path), shapes, aliases):
         raise CheckpointError(

@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.strategies.ddp import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 
 from lmtrain.distributed.config import StrategyConfig, StrategyKind
 
@@ -30,7 +31,11 @@ REFUSED_KEYS = {"gradient_accumulation_steps": "trainer.global_batch_size", "tra
                 "bf16": "trainer.precision", "fp16": "trainer.precision"}
 
 
-def build_deepspeed_config(cfg: StrategyConfig, *, micro_batch_size: int, grad_clip: float, on_cpu: bool) -> dict:
+def build_deepspeed_config(cfg: StrategyConfig, *, micro_batch_size: int, grad_clip: float, on_cpu: bool,
+                           load_universal: bool = False) -> dict:
+    """load_universal: the run resumes a checkpoint written by another number of ranks, converted to
+    DeepSpeed's universal checkpoint (lmtrain.checkpoint.universal); only then, since the engine then
+    loads nothing but `<ckpt>/latest_universal`."""
     stage = cfg.zero_stage
     zero: dict = {"stage": stage, "contiguous_gradients": True, "overlap_comm": not on_cpu,
                   "reduce_bucket_size": cfg.reduce_bucket_size}
@@ -54,6 +59,8 @@ def build_deepspeed_config(cfg: StrategyConfig, *, micro_batch_size: int, grad_c
     }
     if cfg.deepspeed_config:
         config = merge_user_config(config, Path(cfg.deepspeed_config))
+    if load_universal:
+        config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
     return config
 
 
@@ -80,8 +87,8 @@ def merge_user_config(config: dict, path: Path) -> dict:
 
 
 class CPUCapableDeepSpeedStrategy(DeepSpeedStrategy):
-    """DeepSpeedStrategy that also accepts Lightning's CPU accelerator (and scales accumulated
-    gradients once, not twice)."""
+    """DeepSpeedStrategy that also accepts Lightning's CPU accelerator, scales accumulated gradients
+    once, not twice, and repairs DeepSpeed's ZeRO-3 universal-checkpoint load."""
 
     def _on_cpu(self) -> bool:
         return isinstance(self.accelerator, CPUAccelerator)
@@ -106,6 +113,14 @@ class CPUCapableDeepSpeedStrategy(DeepSpeedStrategy):
         # the clipping threshold effectively multiplied by the accumulation.
         return super().backward(closure_loss, optimizer, *args, scale_wrt_gas=False, **kwargs)
 
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        client_state = super().load_checkpoint(checkpoint_path, weights_only)
+        engine = self.deepspeed_engine
+        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING  # optimizer state loaded
+        if fitting and engine.load_universal_checkpoint() and engine.zero_optimization_stage() == 3:
+            repair_zero3_universal_load(engine.optimizer.optimizer, Path(checkpoint_path))
+        return client_state
+
     @property
     def root_device(self) -> torch.device:
         if self._on_cpu():
@@ -113,10 +128,37 @@ class CPUCapableDeepSpeedStrategy(DeepSpeedStrategy):
         return super().root_device
 
 
-def build_deepspeed_strategy(cfg: StrategyConfig, *, micro_batch_size: int, grad_clip: float, on_cpu: bool):
+def repair_zero3_universal_load(optimizer: torch.optim.Optimizer, checkpoint_path: Path) -> None:
+    """Undo two faults of DeepSpeed's ZeRO-3 universal load (0.19: stage3.py,
+    load_hp_checkpoint_state_from_checkpoint_dir_stage3) in the wrapped torch optimizer:
+
+    - it copies param_groups[0]'s settings into every group, so the no-decay group (norms, biases)
+      gets the decay group's weight_decay: each group gets its own settings back from the
+      converted checkpoint's zero/optimizer_state.pt (rank 0's optimizer state, every group's);
+    - it gives every group's state one shared `step` tensor, which torch's Adam(W) increments in
+      place once per group: with 2 groups the bias correction advanced 2 steps per step. Each
+      state gets its own copy."""
+    tag = (checkpoint_path / "latest_universal").read_text().strip()
+    # It also holds rank 0's partition of the optimizer state: mapped, not read, as only the groups are used.
+    saved = torch.load(checkpoint_path / tag / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False,
+                       mmap=True)
+    groups = saved["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise RuntimeError(f"the universal checkpoint {checkpoint_path / tag} has {len(groups)} optimizer parameter "
+                           f"groups but this run's optimizer has {len(optimizer.param_groups)}")
+    for group, settings in zip(optimizer.param_groups, groups):
+        group.update({k: v for k, v in settings.items() if k != "params"})  # params: DeepSpeed's own, per sub-group
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def build_deepspeed_strategy(cfg: StrategyConfig, *, micro_batch_size: int, grad_clip: float, on_cpu: bool,
+                             load_universal: bool = False):
     if on_cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    config = build_deepspeed_config(cfg, micro_batch_size=micro_batch_size, grad_clip=grad_clip, on_cpu=on_cpu)
+    config = build_deepspeed_config(cfg, micro_batch_size=micro_batch_size, grad_clip=grad_clip, on_cpu=on_cpu,
+                                    load_universal=load_universal)
     return CPUCapableDeepSpeedStrategy(config=config, timeout=timedelta(seconds=cfg.timeout_s),
                                        process_group_backend="gloo" if on_cpu else None)
 

@@ -15,7 +15,9 @@ __all__ = ["build_strategy", "resolve_kind"]
 
 
 def build_strategy(cfg: StrategyConfig, *, world_size: int, devices_per_node: int, micro_batch_size: int,
-                   grad_clip: float, on_cpu: bool) -> Strategy | str:
+                   grad_clip: float, on_cpu: bool, load_universal: bool = False) -> Strategy | str:
+    """load_universal: (DeepSpeed) the run resumes a checkpoint converted to DeepSpeed's universal
+    checkpoint because another number of ranks wrote it (lmtrain.checkpoint.universal)."""
     kind = resolve_kind(cfg, world_size)
     match kind:
         case StrategyKind.single:
@@ -37,5 +39,6 @@ def build_strategy(cfg: StrategyConfig, *, world_size: int, devices_per_node: in
             # lmtrain.distributed.parallelize, which also builds the hybrid-sharding mesh).
             return build_fsdp_strategy(world_size=world_size, timeout_s=cfg.timeout_s, async_save=cfg.async_save)
         case _ if kind.family is Family.deepspeed:
-            return build_deepspeed_strategy(cfg, micro_batch_size=micro_batch_size, grad_clip=grad_clip, on_cpu=on_cpu)
+            return build_deepspeed_strategy(cfg, micro_batch_size=micro_batch_size, grad_clip=grad_clip, on_cpu=on_cpu,
+                                            load_universal=load_universal)
     raise ValueError(f"strategy.kind={cfg.kind} is not supported; choose one of {[k.name for k in StrategyKind]}")
