@@ -97,7 +97,7 @@ def test_classify_well_above_chance_then_eval_and_predict(tmp_path):
 def test_qa_recovers_answer_spans(tmp_path):
     train, val = write_qa_data(tmp_path / "data")
     run = train_in_process([*example_overrides(train, val), *TINY_TRAIN, *SIZE, *FINETUNE, "model.causal=false",
-                            "task=qa", "data.id_column=id", "trainer.max_steps=450", "trainer.val_every_steps=450",
+                            "task=qa", "data.id_column=id", "trainer.max_steps=800", "trainer.val_every_steps=800",
                             "task.val_examples=100"], tmp_path / "qa")
     last = val_rows(run)[-1]
     assert last["val/exact_match"] > 60 and last["val/f1"] >= last["val/exact_match"], last  # picking one of 3: 33
@@ -113,7 +113,7 @@ def test_qa_recovers_answer_spans(tmp_path):
 def test_translate_reaches_high_bleu(tmp_path):
     train, val = write_translation_data(tmp_path / "data")
     run = train_in_process([*example_overrides(train, val), *TINY_TRAIN, *SIZE, *FINETUNE, "task=translate",
-                            "trainer.max_steps=500", "trainer.val_every_steps=250", "task.bleu_examples=64"],
+                            "trainer.max_steps=1000", "trainer.val_every_steps=500", "task.bleu_examples=64"],
                            tmp_path / "mt")
     bleu = [row["val/bleu"] for row in val_rows(run)]
     assert bleu[-1] > 85 and bleu[0] < bleu[-1], bleu
