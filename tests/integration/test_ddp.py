@@ -136,23 +136,9 @@ def test_two_rank_checkpoint_resumes_on_one_rank_at_the_same_sample(prepared, ru
 
 
 def test_two_nodes_on_localhost(prepared, runs, tmp_path):
-    port = str(free_port())
-    env = {**os.environ, **CHILD_ENV}
-    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
-    procs = [
-        subprocess.Popen([str(REPO / "launch" / "multinode.sh"), "--nodes", "2", "--node-rank", str(rank), "--master",
-                          "127.0.0.1", "--port", port, "--run-name", "nodes", "--", sys.executable, "-m", "lmtrain", "train",
-                          *prepared, *TINY_TRAIN, *COMMON, "trainer.devices=1", "trainer.micro_batch_size=2"],
-                         cwd=tmp_path, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-        for rank, log in enumerate(logs)
-    ]
-    try:
-        wait_for(lambda: all(p.poll() is not None for p in procs), what="both nodes to exit",
-                 progress=lambda: tree_signature(logs))
-    finally:
-        for p in procs:
-            kill_tree(p)
-    outs = [log.read_text() for log in logs]
+    logs, procs = start_two_nodes(tmp_path, "nodes", [*prepared, *TINY_TRAIN, *COMMON, "trainer.devices=1",
+                                                       "trainer.micro_batch_size=2"], hold=False)
+    outs = wait_for_both_nodes(logs, procs)
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     got, expected = losses_by_step(tmp_path / "runs" / "nodes"), losses_by_step(runs["two"])
     assert [got[s] for s in range(1, 13)] == pytest.approx([expected[s] for s in range(1, 13)], rel=1e-6)
@@ -170,20 +156,32 @@ def test_a_crashed_rank_ends_the_job_nonzero_without_hanging(prepared, tmp_path)
     assert "injected crash of rank 1 at step 3" in proc.stdout + proc.stderr
 
 
-def start_two_nodes(tmp_path: Path, run_name: str, args: list[str]) -> tuple[list[Path], list[subprocess.Popen]]:
-    """Two "nodes" on localhost through launch/multinode.sh, one process each; node 1 holds after step 3
-    (LMTRAIN_FAULT=hold:3) until the requeue signal or a SIGTERM. Each node in a session of its own."""
+def start_two_nodes(tmp_path: Path, run_name: str, args: list[str], *,
+                    hold: bool = True) -> tuple[list[Path], list[subprocess.Popen]]:
+    """Two "nodes" on localhost through launch/multinode.sh, one process each, each in a session of its
+    own; hold: node 1 holds after step 3 (LMTRAIN_FAULT=hold:3) until the requeue signal or a SIGTERM."""
     port = str(free_port())
     logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
     procs = [
         subprocess.Popen([str(REPO / "launch" / "multinode.sh"), "--nodes", "2", "--node-rank", str(rank), "--master",
                           "127.0.0.1", "--port", port, "--run-name", run_name, "--", sys.executable, "-m", "lmtrain", "train",
                           *args],
-                         cwd=tmp_path, env={**os.environ, **CHILD_ENV, **({"LMTRAIN_FAULT": "hold:3"} if rank else {})},
+                         cwd=tmp_path, env={**os.environ, **CHILD_ENV, **({"LMTRAIN_FAULT": "hold:3"} if rank and hold else {})},
                          stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         for rank, log in enumerate(logs)
     ]
     return logs, procs
+
+
+def wait_for_both_nodes(logs: list[Path], procs: list[subprocess.Popen]) -> list[str]:
+    """Wait until both nodes exit (killing what is left if the wait fails); their logs."""
+    try:
+        wait_for(lambda: all(p.poll() is not None for p in procs), what="both nodes to exit",
+                 progress=lambda: tree_signature(logs))
+    finally:
+        for p in procs:
+            kill_tree(p)
+    return [log.read_text() for log in logs]
 
 
 def test_a_frozen_node_ends_the_job_within_the_peer_timeout(prepared, tmp_path):
@@ -210,7 +208,7 @@ def test_a_frozen_node_ends_the_job_within_the_peer_timeout(prepared, tmp_path):
 
 def test_a_sigterm_to_one_rank_stops_every_rank_at_one_step_with_a_checkpoint(prepared, tmp_path):
     """SIGTERM reaches rank 1 only (node 1 of two "nodes" on localhost, held after step 3 until it comes):
-    both ranks agree on it at a step boundary, save that step and exit 143; the run resumes from it."""
+    both ranks agree on it at a step boundary, save that step and exit 143, and last.ckpt names it."""
     logs, procs = start_two_nodes(tmp_path, "stopped", [*prepared, *TINY_TRAIN, *COMMON, "trainer.devices=1",
                                                          "trainer.micro_batch_size=2", "trainer.ckpt_every_steps=100"])
     try:
@@ -218,12 +216,11 @@ def test_a_sigterm_to_one_rank_stops_every_rank_at_one_step_with_a_checkpoint(pr
                  progress=lambda: tree_signature(logs))
         held = re.search(r"holding after step 3 until .* \(pid (\d+)\)", logs[1].read_text())
         os.kill(int(held.group(1)), signal.SIGTERM)  # the training process of rank 1, not its launcher
-        wait_for(lambda: all(p.poll() is not None for p in procs), what="both nodes to exit",
-                 progress=lambda: tree_signature(logs))
-    finally:
+    except BaseException:
         for p in procs:
             kill_tree(p)
-    outs = [log.read_text() for log in logs]
+        raise
+    outs = wait_for_both_nodes(logs, procs)
     assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, outs[0][-3000:] + outs[1][-3000:]
     stop = re.search(r"SIGTERM received: saving at step (\d+), then stopping", outs[0])
     assert stop, outs[0][-3000:]
